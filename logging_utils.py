@@ -1,0 +1,172 @@
+"""Console progress, the metrics file, wandb, image grids and 2-D scatter plots.
+
+Only rank 0 creates a MetricsLogger that writes; other ranks get one that does nothing.
+"""
+
+import json
+import math
+import os
+import time
+
+import numpy as np
+from PIL import Image
+from tqdm import tqdm
+
+WANDB_MODES = ("auto", "online", "offline", "disabled")
+
+
+def wandb_credentials_exist():
+    """True when a wandb API key is in the environment or in ~/.netrc."""
+    if os.environ.get("WANDB_API_KEY"):
+        return True
+    netrc = os.path.expanduser("~/.netrc")
+    return os.path.isfile(netrc) and "api.wandb.ai" in open(netrc).read()
+
+
+def resolve_wandb_mode(mode):
+    """'auto' becomes 'online' where credentials exist, else 'offline'. Returns (mode, reason)."""
+    if mode not in WANDB_MODES:
+        raise ValueError(f"logging.wandb={mode!r} is unknown; valid choices: {WANDB_MODES}")
+    if mode != "auto":
+        return mode, f"wandb: {mode} (logging.wandb={mode})"
+    if wandb_credentials_exist():
+        return "online", "wandb: online (credentials found)"
+    return "offline", (
+        "wandb: offline, no credentials found (run `wandb login` for online logging, "
+        "--config.logging.wandb=disabled to turn it off); sync later with `wandb sync`"
+    )
+
+
+class MetricsLogger:
+    """Appends one JSON object per log event to `run_dir/metrics.jsonl` and mirrors it to wandb."""
+
+    def __init__(
+        self,
+        run_dir,
+        enabled,
+        wandb_mode="disabled",
+        project="interpolants",
+        name=None,
+        config=None,
+        run_id=None,
+    ):
+        self.enabled, self.run = enabled, None
+        self.path = os.path.join(run_dir, "metrics.jsonl")
+        self.run_id = run_id
+        if not enabled:
+            return
+        os.makedirs(run_dir, exist_ok=True)
+        if wandb_mode != "disabled":
+            import wandb  # imported lazily: it is slow to import and optional at test time
+
+            self.run = wandb.init(
+                project=project,
+                name=name,
+                dir=run_dir,
+                config=config,
+                mode=wandb_mode,
+                id=run_id,
+                resume="allow",
+            )
+            self.run_id = self.run.id
+
+    def log(self, step, metrics):
+        """Record `metrics` (floats) at optimizer step `step`."""
+        if not self.enabled:
+            return
+        record = {"step": int(step), "time": round(time.time(), 3), **metrics}
+        with open(self.path, "a") as f:
+            f.write(json.dumps(record) + "\n")
+        if self.run is not None:
+            self.run.log(metrics, step=int(step))
+
+    def log_image(self, step, key, path):
+        if self.enabled and self.run is not None:
+            import wandb
+
+            self.run.log({key: wandb.Image(path)}, step=int(step))
+
+    def close(self):
+        if self.run is not None:
+            self.run.finish()
+            self.run = None
+
+
+def read_metrics(run_dir):
+    """All records of `run_dir/metrics.jsonl` (an empty list when there is none)."""
+    path = os.path.join(run_dir, "metrics.jsonl")
+    if not os.path.exists(path):
+        return []
+    with open(path) as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def progress_bar(total, initial, enabled):
+    """tqdm bar over optimizer steps; shows rate and ETA, the loss goes in its postfix."""
+    return tqdm(
+        total=total,
+        initial=initial,
+        disable=not enabled,
+        unit="step",
+        dynamic_ncols=True,
+        smoothing=0.05,
+        mininterval=1.0,
+    )
+
+
+def image_grid(images, nrow=None, padding=1, upscale=1):
+    """Tile uint8 images (N, H, W, C) into one (rows, cols) grid array with a padding border.
+
+    `upscale` repeats pixels (nearest neighbour) so that tiny images (8x8 digits) stay visible.
+    """
+    images = np.asarray(images, dtype=np.uint8)
+    if upscale > 1:
+        images = images.repeat(upscale, axis=1).repeat(upscale, axis=2)
+    n, h, w, c = images.shape
+    nrow = nrow or int(math.ceil(math.sqrt(n)))
+    ncol = int(math.ceil(n / nrow))
+    grid = np.full(
+        (ncol * (h + padding) + padding, nrow * (w + padding) + padding, c), 255, dtype=np.uint8
+    )
+    for i, image in enumerate(images):
+        row, col = divmod(i, nrow)
+        top, left = padding + row * (h + padding), padding + col * (w + padding)
+        grid[top : top + h, left : left + w] = image
+    return grid
+
+
+def save_image_grid(images, path, nrow=None, upscale=1):
+    """Write uint8 images (N, H, W, C) as one PNG grid."""
+    grid = image_grid(images, nrow=nrow, upscale=upscale)
+    if grid.shape[-1] == 1:
+        grid = grid[..., 0]
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    Image.fromarray(grid).save(path)
+    return path
+
+
+def save_scatter(points, path, reference=None, title=None, limit=None):
+    """Scatter plot of 2-D points (N, 2), optionally over reference data points, as a PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(5, 5), dpi=100)
+    if reference is not None:
+        ax.scatter(reference[:, 0], reference[:, 1], s=1, alpha=0.3, c="tab:gray", label="data")
+    ax.scatter(points[:, 0], points[:, 1], s=1, alpha=0.5, c="tab:blue", label="samples")
+    if limit is None:
+        limit = float(np.percentile(np.abs(points), 99.5)) * 1.1 + 1e-6
+    ax.set_xlim(-limit, limit)
+    ax.set_ylim(-limit, limit)
+    ax.set_aspect("equal")
+    if title:
+        ax.set_title(title)
+    if reference is not None:
+        ax.legend(loc="upper right", markerscale=8)
+    fig.tight_layout()
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    fig.savefig(path)
+    plt.close(fig)
+    return path

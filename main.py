@@ -1,0 +1,373 @@
+"""Entry point: `sh run.sh [FLAGS]` (torchrun) or `python main.py [FLAGS]` (one process).
+
+    --config=config.py:PRESET        preset (default: digits); --config.KEY=VALUE overrides
+    --mode=train|sample|info         default train
+    --ckpt=PATH                      checkpoint (or run directory) for sample / info
+    --out=DIR                        where --mode=sample writes samples.npz and a picture
+
+Builds the parts (dataset, network, process, time sampler) from the config, checks every choice
+before any work starts, and dispatches the mode.
+"""
+
+import json
+import os
+import sys
+
+import torch
+from absl import app, flags
+from ml_collections import ConfigDict, config_flags
+
+import config as config_lib
+import data_utils
+import logging_utils
+import prediction
+import sampling
+import time_samplers
+import trainer as trainer_lib
+import utils
+from mlp import MLP
+from processes import PROCESSES, build_process
+from trainer import DiffusionTrainer, find_latest_checkpoint
+from unet import UNet
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+MODES = ("train", "sample", "info")
+
+_CONFIG = config_flags.DEFINE_config_file(
+    "config",
+    os.path.join(HERE, "config.py"),
+    "config file and preset: config.py:PRESET",
+    lock_config=True,
+)
+flags.DEFINE_enum("mode", "train", MODES, "what to do")
+flags.DEFINE_string("ckpt", None, "checkpoint file or run directory (sample / info modes)")
+flags.DEFINE_string("out", None, "output directory of --mode=sample")
+FLAGS = flags.FLAGS
+
+
+# ---------------------------------------------------------------------------------------------
+# Building the parts from a config.
+# ---------------------------------------------------------------------------------------------
+NETWORKS = {
+    "unet": lambda m, shape, num_classes: UNet(
+        shape[0],
+        shape[1],
+        base_channels=m.base_channels,
+        channel_mults=tuple(m.channel_mults),
+        num_res_blocks=m.num_res_blocks,
+        attn_resolutions=tuple(m.attn_resolutions),
+        dropout=m.dropout,
+        num_heads=m.num_heads,
+        num_classes=num_classes,
+    ),
+    "mlp": lambda m, shape, num_classes: MLP(
+        shape[0],
+        hidden=m.hidden,
+        num_blocks=m.num_blocks,
+        dropout=m.dropout,
+        num_classes=num_classes,
+    ),
+}
+
+
+def registry_choices():
+    """The valid values of every registry-backed config field, from the registries themselves."""
+    return {
+        "data.name": data_utils.DATASETS,
+        "model.name": NETWORKS,
+        "process.name": PROCESSES,
+        "prediction.model_output": prediction.PREDICTION_TYPES,
+        "prediction.target": prediction.PREDICTION_TYPES,
+        "time_sampler.name": time_samplers.TIME_SAMPLERS,
+        "sample.solver": sampling.SOLVERS,
+        "sample.grid": sampling.TIME_GRIDS,
+        "sample.diffusion": sampling.DIFFUSIONS,
+        "train.lr_schedule": ("constant", "cosine", "linear"),
+        "train.precision": ("fp32", "bf16"),
+        "logging.wandb": logging_utils.WANDB_MODES,
+    }
+
+
+def build_net(config, data_info):
+    num_classes = data_info["num_classes"] if config.model.class_conditional else 0
+    return NETWORKS[config.model.name](config.model, tuple(data_info["shape"]), num_classes)
+
+
+def resolve_time_ranges(config, process):
+    """Fill unset t_min / t_max: [0, 1] trimmed by 1e-3 at an end where the training pairing
+    (or the sampler's field) is singular; then check the whole range. One-line ValueError."""
+    p, s = config.prediction, config.sample
+    train_dsts = (p.target,)
+    sample_dsts = (
+        ("velocity", "score", "x0") if sampling.needs_score(s.solver) else ("velocity", "x0")
+    )
+
+    def singular(dsts, extra=None):
+        def check(t):
+            bad = bool(prediction.singular_times(process, p.model_output, dsts, [t]))
+            return bad or (extra is not None and not abs(float(extra(t))) < 1e30)
+
+        return check
+
+    def fill(section, check):
+        if section.t_min is None:
+            section.t_min = 1e-3 if check(0.0) else 0.0
+        if section.t_max is None:
+            section.t_max = 1.0 - 1e-3 if check(1.0) else 1.0
+
+    eps = None
+    if sampling.needs_score(s.solver):
+        eps = lambda t: sampling.diffusion_coefficient(s.diffusion, s.diffusion_scale, process, t)
+    with config.unlocked():
+        fill(config.time_sampler, singular(train_dsts))
+        fill(s, singular(sample_dsts, eps))
+    ts = config.time_sampler
+    bad = prediction.singular_times(process, p.model_output, train_dsts, [ts.t_min, ts.t_max])
+    if bad:
+        raise ValueError(
+            f"training {p.model_output} outputs against {p.target} targets with process "
+            f"{process.name!r} is singular at t={bad[0]:g}: set time_sampler.t_min / t_max "
+            f"inside (0, 1)"
+        )
+    message = sampling.check_sampling_range(
+        process, p.model_output, s.solver, s.t_min, s.t_max, s.diffusion, s.diffusion_scale, s.steps
+    )
+    if message:
+        raise ValueError(message)
+
+
+def check_config(config, world_size):
+    """All validation that needs no data: choices, values, time ranges. Returns the process."""
+    config_lib.validate(config, registry_choices(), world_size)
+    process = build_process(config.process.name)
+    resolve_time_ranges(config, process)
+    return process
+
+
+def build_dataset(config, dist_info):
+    d = config.data
+    if dist_info.is_main:
+        data_utils.ensure_available(d.name, d.root, d.path or None)
+    utils.barrier()
+    return data_utils.build_dataset(
+        d.name,
+        d.root,
+        True,
+        image_size=d.image_size,
+        path=d.path or None,
+        num_points=d.num_points,
+        seed=config.seed,
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# Modes.
+# ---------------------------------------------------------------------------------------------
+def train(config, overrides, dist_info):
+    process = check_config(config, dist_info.world_size)
+    run_dir = os.path.join(config.workdir, config.name)
+    dataset = build_dataset(config, dist_info)
+    ts = config.time_sampler
+    time_sampler = time_samplers.build_time_sampler(
+        ts.name, ts.t_min, ts.t_max, mean=ts.mean, std=ts.std
+    )
+    utils.seed_everything(config.seed)  # identical initial weights on every rank
+    net = build_net(config, trainer_lib.data_info_of(dataset))
+    utils.seed_everything(config.seed + dist_info.rank)  # per-rank dropout streams
+    trainer = DiffusionTrainer(config, net, process, time_sampler, dataset, dist_info, run_dir)
+
+    say = print if dist_info.is_main else (lambda *a, **k: None)
+    latest = find_latest_checkpoint(run_dir)
+    if latest:
+        trainer.load(latest)
+        say(f"resumed from {latest} at step {trainer.step}")
+    if dist_info.is_main:
+        os.makedirs(run_dir, exist_ok=True)
+        utils.atomic_write_json(config.to_dict(), os.path.join(run_dir, "config.json"))
+        truncate_metrics(run_dir, trainer.step)
+    n_params = sum(p.numel() for p in net.parameters())
+    say(
+        f"run directory: {run_dir} | data: {config.data.name} {tuple(dataset.shape)} x "
+        f"{len(dataset)} | model: {config.model.name} {n_params / 1e6:.2f}M params | process: "
+        f"{process.name} | {config.prediction.model_output} -> {config.prediction.target} | "
+        f"world size {dist_info.world_size} on {dist_info.device}"
+    )
+    mode, reason = logging_utils.resolve_wandb_mode(config.logging.wandb)
+    say(reason)
+
+    def logger_factory(run_id):
+        return logging_utils.MetricsLogger(
+            run_dir,
+            dist_info.is_main,
+            mode,
+            config.logging.project,
+            config.name,
+            config.to_dict(),
+            run_id,
+        )
+
+    if trainer.step >= config.train.steps:
+        say(f"nothing to do: step {trainer.step} >= train.steps={config.train.steps}")
+    else:
+        trainer.train(logger_factory)
+    grids = sorted(f for f in os.listdir(run_dir) if f.startswith("samples_"))
+    if grids:
+        say(f"done: step {trainer.step}; samples in {os.path.join(run_dir, grids[-1])}")
+
+
+def truncate_metrics(run_dir, step):
+    """Drop metrics logged after `step` (by a run that stopped before its next checkpoint)."""
+    records = logging_utils.read_metrics(run_dir)
+    kept = [r for r in records if r["step"] <= step]
+    if len(kept) != len(records):
+        text = "".join(json.dumps(r) + "\n" for r in kept)
+        utils.atomic_write_text(text, os.path.join(run_dir, "metrics.jsonl"))
+
+
+def load_checkpoint(path):
+    """(state, config) of a checkpoint file or of the newest checkpoint in a run directory."""
+    if path is None:
+        raise ValueError("--ckpt is required in this mode: a checkpoint file or a run directory")
+    if os.path.isdir(path):
+        found = find_latest_checkpoint(path)
+        if found is None:
+            raise ValueError(f"--ckpt={path}: no ckpt_*.pt in this directory")
+        path = found
+    if not os.path.isfile(path):
+        raise ValueError(f"--ckpt={path}: no such file")
+    state = torch.load(path, map_location="cpu", weights_only=False)
+    return state, path
+
+
+def checkpoint_config(state, overrides):
+    """The checkpoint's config with the command line's --config.sample.* overrides applied."""
+    config = ConfigDict(state["config"])
+    for key, value in overrides.items():
+        if not key.startswith(("sample.", "logging.")):
+            raise ValueError(
+                f"--config.{key}: only --config.sample.* overrides apply when "
+                f"sampling from a checkpoint"
+            )
+        section, field = key.split(".", 1)
+        config[section][field] = value
+    return config
+
+
+def sample(config, config_overrides, dist_info):
+    state, path = load_checkpoint(FLAGS.ckpt)
+    del config  # the checkpoint's own config is used, with the command line's sample overrides
+    config = checkpoint_config(state, config_overrides)
+    with config.unlocked():  # let the sampler re-resolve an unset range for a new solver
+        for key in ("t_min", "t_max"):
+            if (
+                f"sample.{key}" not in config_overrides
+                and config.sample.solver != state["config"]["sample"]["solver"]
+            ):
+                config.sample[key] = None
+    process = check_config(config, dist_info.world_size)
+    info = state["data_info"]
+    net = build_net(config, info).to(dist_info.device)
+    net.load_state_dict(state["ema"]["model"] if config.sample.use_ema else state["model"])
+    num_classes = info["num_classes"] if config.model.class_conditional else 0
+    s = config.sample
+    x, labels, nfe = trainer_lib.generate_distributed(
+        net.eval(),
+        process,
+        config.prediction.model_output,
+        tuple(info["shape"]),
+        s.num,
+        num_classes,
+        dist_info,
+        trainer_lib.sampler_kwargs(s),
+    )
+    if not dist_info.is_main:
+        return
+    out = FLAGS.out or os.path.join(os.path.dirname(path), "samples")
+    os.makedirs(out, exist_ok=True)
+    arrays = {"samples": data_utils.to_data_space(x, info["kind"])}
+    if labels is not None:
+        arrays["labels"] = labels.numpy()
+    npz = os.path.join(out, "samples.npz")
+    utils.atomic_save_npz(arrays, npz)
+    picture = "grid" if info["kind"] == "image" else "scatter"
+    reference = None
+    if info["kind"] == "points":
+        reference = data_utils.sample_toy(
+            config.data.name, min(s.num, 4096), torch.Generator().manual_seed(s.seed)
+        )
+    image = trainer_lib.write_samples(
+        x, labels, info["kind"], os.path.join(out, picture), reference=reference
+    )
+    print(
+        f"{s.num} samples from {path} (step {state['step']}, "
+        f"{'EMA' if s.use_ema else 'raw'} weights) with {s.solver}, {s.steps} steps, "
+        f"NFE {nfe}: {npz}, {image}"
+    )
+
+
+def info(config, config_overrides, dist_info):
+    del config_overrides
+    state, path = load_checkpoint(FLAGS.ckpt)
+    if not dist_info.is_main:
+        return
+    config = ConfigDict(state["config"])
+    n_params = sum(v.numel() for v in state["model"].values())
+    summary = {
+        "checkpoint": path,
+        "step": state["step"],
+        "train.steps": config.train.steps,
+        "data": {"name": config.data.name, **state["data_info"]},
+        "model": config.model.name,
+        "parameters": n_params,
+        "process": config.process.name,
+        "prediction": f"{config.prediction.model_output} -> {config.prediction.target}",
+        "time_sampler": config.time_sampler.name,
+        "sampler": f"{config.sample.solver}, {config.sample.steps} steps",
+        "world_size": state["world_size"],
+        "wandb_run_id": state["run_id"],
+        "last_metrics": state.get("metrics", {}),
+    }
+    print(json.dumps(summary, indent=2))
+
+
+MODE_FNS = {"train": train, "sample": sample, "info": info}
+
+
+# ---------------------------------------------------------------------------------------------
+# Flags.
+# ---------------------------------------------------------------------------------------------
+def check_argv(argv):
+    """Reject unknown --config.KEY flags with one line before absl parses them."""
+    preset = None
+    for arg in argv[1:]:
+        if arg.startswith("--config=") and ":" in arg:
+            preset = arg.split(":", 1)[1]
+    try:
+        base = config_lib.get_config(preset)
+    except ValueError as e:
+        sys.exit(f"error: {e}")
+    for arg in argv[1:]:
+        if arg.startswith("--config."):
+            key = arg[len("--config.") :].split("=", 1)[0]
+            message = config_lib.unknown_key_error(base, key)
+            if message:
+                sys.exit(f"error: {message}")
+
+
+def main(argv):
+    del argv
+    overrides = config_flags.get_override_values(FLAGS["config"])
+    dist_info = utils.setup_distributed()
+    torch.backends.cuda.matmul.allow_tf32 = True
+    torch.backends.cudnn.allow_tf32 = True
+    try:
+        MODE_FNS[FLAGS.mode](_CONFIG.value, overrides, dist_info)
+    except (ValueError, FileNotFoundError) as e:
+        sys.exit(f"error: {e}")
+    finally:
+        utils.cleanup_distributed()
+
+
+if __name__ == "__main__":
+    check_argv(sys.argv)
+    app.run(main)

@@ -1,0 +1,181 @@
+"""Interpolants: x_t = alpha(t) * x0 + sigma(t) * x1, with t in [0, 1].
+
+Conventions (see DESIGN.md): x0 is data, x1 is the base sample (standard Gaussian), t = 0 is data
+and t = 1 is base. Every process gives alpha, sigma and their time derivatives alpha_dot, sigma_dot,
+vectorised over a tensor t of any shape (the result has the shape of t).
+
+Adding a process is one class and one entry in PROCESSES.
+"""
+
+import math
+
+import torch
+
+
+class Process:
+    """Base class. Subclasses define alpha, sigma, alpha_dot and sigma_dot."""
+
+    name = "base"
+
+    def alpha(self, t):
+        raise NotImplementedError
+
+    def sigma(self, t):
+        raise NotImplementedError
+
+    def alpha_dot(self, t):
+        raise NotImplementedError
+
+    def sigma_dot(self, t):
+        raise NotImplementedError
+
+    def coefficients(self, t):
+        """(alpha, sigma, alpha_dot, sigma_dot) at t, each shaped like t."""
+        return self.alpha(t), self.sigma(t), self.alpha_dot(t), self.sigma_dot(t)
+
+    def interpolate(self, x0, x1, t):
+        """x_t = alpha(t) x0 + sigma(t) x1 for t of shape (B,) and x0, x1 of shape (B, ...)."""
+        return bcast(self.alpha(t), x0) * x0 + bcast(self.sigma(t), x1) * x1
+
+    def velocity_target(self, x0, x1, t):
+        """d/dt x_t = alpha_dot(t) x0 + sigma_dot(t) x1."""
+        return bcast(self.alpha_dot(t), x0) * x0 + bcast(self.sigma_dot(t), x1) * x1
+
+    def native_diffusion(self, t):
+        """The diffusion coefficient eps(t) of the process's own forward SDE.
+
+        The forward SDE dx = f(t) x dt + g(t) dW with the same marginals as x_t has
+        f = alpha_dot / alpha and g^2 = 2 sigma^2 d/dt log(sigma / alpha), and the reverse-time SDE
+        of DESIGN.md uses eps(t) = g(t)^2 / 2 = sigma * sigma_dot - sigma^2 * alpha_dot / alpha.
+        For a VP process this is beta(t) / 2; for `linear` it is t / (1 - t).
+        """
+        alpha, sigma, alpha_dot, sigma_dot = self.coefficients(t)
+        return sigma * sigma_dot - sigma**2 * alpha_dot / alpha
+
+    def log_snr(self, t):
+        """log(alpha^2 / sigma^2), decreasing in t."""
+        return 2 * (torch.log(self.alpha(t)) - torch.log(self.sigma(t)))
+
+
+def bcast(coef, x):
+    """Reshape a per-sample coefficient (B,) (or a scalar) to broadcast against x (B, ...)."""
+    coef = torch.as_tensor(coef, dtype=x.dtype, device=x.device)
+    if coef.dim() == 0:
+        return coef
+    return coef.reshape(coef.shape[0], *([1] * (x.dim() - 1)))
+
+
+class Linear(Process):
+    """Rectified flow / linear interpolant: alpha = 1 - t, sigma = t.
+
+    alpha_dot = -1, sigma_dot = 1, so the velocity is x1 - x0.
+    """
+
+    name = "linear"
+
+    def alpha(self, t):
+        return 1 - t
+
+    def sigma(self, t):
+        return t
+
+    def alpha_dot(self, t):
+        return -torch.ones_like(t)
+
+    def sigma_dot(self, t):
+        return torch.ones_like(t)
+
+
+class Trig(Process):
+    """Trigonometric interpolant: alpha = cos(pi t / 2), sigma = sin(pi t / 2).
+
+    alpha_dot = -(pi / 2) sin(pi t / 2), sigma_dot = (pi / 2) cos(pi t / 2); alpha^2 + sigma^2 = 1.
+    """
+
+    name = "trig"
+
+    def alpha(self, t):
+        return torch.cos(0.5 * math.pi * t)
+
+    def sigma(self, t):
+        return torch.sin(0.5 * math.pi * t)
+
+    def alpha_dot(self, t):
+        return -0.5 * math.pi * torch.sin(0.5 * math.pi * t)
+
+    def sigma_dot(self, t):
+        return 0.5 * math.pi * torch.cos(0.5 * math.pi * t)
+
+
+class VPProcess(Process):
+    """Variance preserving: sigma = sqrt(1 - alpha^2), so sigma_dot = -alpha alpha_dot / sigma.
+
+    Subclasses give alpha and alpha_dot. sigma_dot is singular at t = 0 (sigma = 0); the time range
+    [t_min, t_max] keeps training and sampling away from it.
+    """
+
+    def sigma(self, t):
+        return torch.sqrt((1 - self.alpha(t) ** 2).clamp_min(0))
+
+    def sigma_dot(self, t):
+        return -self.alpha(t) * self.alpha_dot(t) / self.sigma(t)
+
+
+class VPLinear(VPProcess):
+    """DDPM / score-SDE VP with a linear beta schedule beta(t) = b0 + t (b1 - b0).
+
+    alpha = exp(-B(t) / 2) with B(t) = b0 t + (b1 - b0) t^2 / 2, alpha_dot = -beta(t) alpha / 2,
+    sigma = sqrt(1 - alpha^2). Defaults b0 = 0.1, b1 = 20 (Song et al. 2021).
+    """
+
+    name = "vp_linear"
+
+    def __init__(self, beta_min=0.1, beta_max=20.0):
+        self.beta_min, self.beta_max = beta_min, beta_max
+
+    def beta(self, t):
+        return self.beta_min + t * (self.beta_max - self.beta_min)
+
+    def alpha(self, t):
+        integral = self.beta_min * t + 0.5 * (self.beta_max - self.beta_min) * t**2
+        return torch.exp(-0.5 * integral)
+
+    def alpha_dot(self, t):
+        return -0.5 * self.beta(t) * self.alpha(t)
+
+    def native_diffusion(self, t):
+        """eps(t) = beta(t) / 2 in closed form (equal to the generic formula)."""
+        return 0.5 * self.beta(t)
+
+
+class VPCosine(VPProcess):
+    """Improved-DDPM cosine schedule: alpha = cos(pi/2 (t + s) / (1 + s)) / cos(pi/2 s / (1 + s)).
+
+    alpha_dot = -(pi / 2) / (1 + s) * sin(pi/2 (t + s) / (1 + s)) / cos(pi/2 s / (1 + s)),
+    sigma = sqrt(1 - alpha^2), s = 0.008 (Nichol & Dhariwal 2021). alpha(1) = 0 exactly.
+    """
+
+    name = "vp_cosine"
+
+    def __init__(self, s=0.008):
+        self.s = s
+        self.norm = math.cos(0.5 * math.pi * s / (1 + s))
+
+    def _angle(self, t):
+        return 0.5 * math.pi * (t + self.s) / (1 + self.s)
+
+    def alpha(self, t):
+        return (torch.cos(self._angle(t)) / self.norm).clamp(0, 1)
+
+    def alpha_dot(self, t):
+        return -0.5 * math.pi / (1 + self.s) * torch.sin(self._angle(t)) / self.norm
+
+
+PROCESSES = {cls.name: cls for cls in (Linear, Trig, VPLinear, VPCosine)}
+
+
+def build_process(name, **kwargs):
+    """Instantiate a registered process by name."""
+    if name not in PROCESSES:
+        raise ValueError(f"process.name={name!r} is unknown; valid choices: {sorted(PROCESSES)}")
+    return PROCESSES[name](**kwargs)
