@@ -66,6 +66,7 @@ def base_config():
     c.train.min_lr_ratio = 0.0
     c.train.weight_decay = 0.0
     c.train.betas = (0.9, 0.999)
+    c.train.adam_eps = 1e-8
     c.train.grad_clip = 1.0  # max global gradient norm; 0 disables clipping
     c.train.ema_decay = 0.9999
     c.train.precision = "fp32"  # fp32 | bf16 (autocast on CUDA)
@@ -97,16 +98,17 @@ def base_config():
 
 
 def digits():
-    """scikit-learn's 8x8 digits, class-conditional; trains in a few minutes on a laptop CPU."""
+    """scikit-learn's 8x8 digits, class-conditional; trains in about 4 minutes on 2 CPU cores."""
     c = base_config()
     c.data.name, c.data.image_size = "digits", 8
     c.model.base_channels, c.model.channel_mults = 32, (1, 2)
-    c.model.attn_resolutions = (4,)
-    c.train.steps, c.train.batch_size, c.train.lr = 3000, 128, 1e-3
+    c.model.num_res_blocks, c.model.attn_resolutions = 1, ()  # attention only in the middle
+    c.train.steps, c.train.batch_size, c.train.lr = 1500, 64, 2e-3
     c.train.warmup_steps, c.train.ema_decay = 100, 0.999
     c.train.lr_schedule = "cosine"
-    c.train.sample_every = c.train.save_every = 1000
+    c.train.sample_every = c.train.save_every = 500
     c.sample.num = 100
+    c.sample.steps = 25
     return c
 
 

@@ -135,9 +135,9 @@ def image_grid(images, nrow=None, padding=1, upscale=1):
     return grid
 
 
-def save_image_grid(images, path, nrow=None, upscale=1):
+def save_image_grid(images, path, nrow=None, upscale=1, padding=1):
     """Write uint8 images (N, H, W, C) as one PNG grid."""
-    grid = image_grid(images, nrow=nrow, upscale=upscale)
+    grid = image_grid(images, nrow=nrow, padding=padding, upscale=upscale)
     if grid.shape[-1] == 1:
         grid = grid[..., 0]
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)

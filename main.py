@@ -33,16 +33,21 @@ from unet import UNet
 HERE = os.path.dirname(os.path.abspath(__file__))
 MODES = ("train", "sample", "info")
 
-_CONFIG = config_flags.DEFINE_config_file(
-    "config",
-    os.path.join(HERE, "config.py"),
-    "config file and preset: config.py:PRESET",
-    lock_config=True,
-)
-flags.DEFINE_enum("mode", "train", MODES, "what to do")
-flags.DEFINE_string("ckpt", None, "checkpoint file or run directory (sample / info modes)")
-flags.DEFINE_string("out", None, "output directory of --mode=sample")
 FLAGS = flags.FLAGS
+
+
+def define_flags():
+    """Defined only when run as a script: ml_collections reads sys.argv when the config flag is
+    defined, so unknown keys are checked first (check_argv) for a one-line error."""
+    config_flags.DEFINE_config_file(
+        "config",
+        os.path.join(HERE, "config.py"),
+        "config file and preset: config.py:PRESET",
+        lock_config=True,
+    )
+    flags.DEFINE_enum("mode", "train", MODES, "what to do")
+    flags.DEFINE_string("ckpt", None, "checkpoint file or run directory (sample / info modes)")
+    flags.DEFINE_string("out", None, "output directory of --mode=sample")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -163,7 +168,9 @@ def build_dataset(config, dist_info):
 # ---------------------------------------------------------------------------------------------
 # Modes.
 # ---------------------------------------------------------------------------------------------
-def train(config, overrides, dist_info):
+def build_trainer(config, dist_info):
+    """Validate the config, build every part, and resume from the newest checkpoint of the run
+    directory if there is one. Returns the trainer."""
     process = check_config(config, dist_info.world_size)
     run_dir = os.path.join(config.workdir, config.name)
     dataset = build_dataset(config, dist_info)
@@ -175,19 +182,27 @@ def train(config, overrides, dist_info):
     net = build_net(config, trainer_lib.data_info_of(dataset))
     utils.seed_everything(config.seed + dist_info.rank)  # per-rank dropout streams
     trainer = DiffusionTrainer(config, net, process, time_sampler, dataset, dist_info, run_dir)
-
-    say = print if dist_info.is_main else (lambda *a, **k: None)
     latest = find_latest_checkpoint(run_dir)
     if latest:
         trainer.load(latest)
-        say(f"resumed from {latest} at step {trainer.step}")
     if dist_info.is_main:
         os.makedirs(run_dir, exist_ok=True)
         utils.atomic_write_json(config.to_dict(), os.path.join(run_dir, "config.json"))
         truncate_metrics(run_dir, trainer.step)
-    n_params = sum(p.numel() for p in net.parameters())
+    return trainer
+
+
+def train(config, overrides, dist_info, until=None):
+    """--mode=train: train (or resume) the run ckpts/<name>/; returns the trainer."""
+    del overrides  # already applied to `config` by the flags
+    trainer = build_trainer(config, dist_info)
+    say = print if dist_info.is_main else (lambda *a, **k: None)
+    if trainer.step:
+        say(f"resumed from {find_latest_checkpoint(trainer.run_dir)} at step {trainer.step}")
+    n_params = sum(p.numel() for p in trainer.net.parameters())
+    dataset, process = trainer.dataset, trainer.process
     say(
-        f"run directory: {run_dir} | data: {config.data.name} {tuple(dataset.shape)} x "
+        f"run directory: {trainer.run_dir} | data: {config.data.name} {tuple(dataset.shape)} x "
         f"{len(dataset)} | model: {config.model.name} {n_params / 1e6:.2f}M params | process: "
         f"{process.name} | {config.prediction.model_output} -> {config.prediction.target} | "
         f"world size {dist_info.world_size} on {dist_info.device}"
@@ -197,7 +212,7 @@ def train(config, overrides, dist_info):
 
     def logger_factory(run_id):
         return logging_utils.MetricsLogger(
-            run_dir,
+            trainer.run_dir,
             dist_info.is_main,
             mode,
             config.logging.project,
@@ -209,10 +224,11 @@ def train(config, overrides, dist_info):
     if trainer.step >= config.train.steps:
         say(f"nothing to do: step {trainer.step} >= train.steps={config.train.steps}")
     else:
-        trainer.train(logger_factory)
-    grids = sorted(f for f in os.listdir(run_dir) if f.startswith("samples_"))
+        trainer.train(logger_factory, until)
+    grids = sorted(f for f in os.listdir(trainer.run_dir) if f.startswith("samples_"))
     if grids:
-        say(f"done: step {trainer.step}; samples in {os.path.join(run_dir, grids[-1])}")
+        say(f"done: step {trainer.step}; samples in {os.path.join(trainer.run_dir, grids[-1])}")
+    return trainer
 
 
 def truncate_metrics(run_dir, step):
@@ -361,7 +377,7 @@ def main(argv):
     torch.backends.cuda.matmul.allow_tf32 = True
     torch.backends.cudnn.allow_tf32 = True
     try:
-        MODE_FNS[FLAGS.mode](_CONFIG.value, overrides, dist_info)
+        MODE_FNS[FLAGS.mode](FLAGS.config, overrides, dist_info)
     except (ValueError, FileNotFoundError) as e:
         sys.exit(f"error: {e}")
     finally:
@@ -370,4 +386,5 @@ def main(argv):
 
 if __name__ == "__main__":
     check_argv(sys.argv)
+    define_flags()
     app.run(main)

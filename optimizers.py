@@ -1,7 +1,5 @@
 """Optimizer, learning-rate schedule and gradient clipping."""
 
-import inspect
-
 import torch
 from torch.optim import lr_scheduler
 
@@ -20,12 +18,11 @@ def param_groups(model, weight_decay):
 
 
 def build_optimizer(model, lr, weight_decay=0.0, betas=(0.9, 0.999), eps=1e-8):
-    """AdamW, fused when every parameter is on CUDA and this torch supports it."""
+    """AdamW: fused on CUDA, the multi-tensor (foreach) implementation elsewhere."""
     on_cuda = all(p.is_cuda for p in model.parameters())
-    fused = on_cuda and "fused" in inspect.signature(torch.optim.AdamW).parameters
-    return torch.optim.AdamW(
-        param_groups(model, weight_decay), lr=lr, betas=tuple(betas), eps=eps, fused=fused or None
-    )
+    groups = param_groups(model, weight_decay)
+    kind = {"fused": True} if on_cuda else {"foreach": True}
+    return torch.optim.AdamW(groups, lr=lr, betas=tuple(betas), eps=eps, **kind)
 
 
 # After warmup: name -> fn(optimizer, decay_steps, min_lr) -> torch scheduler.
@@ -47,9 +44,10 @@ def build_scheduler(optimizer, schedule, total_steps, warmup_steps=0, min_lr_rat
     decay_steps = max(1, total_steps - warmup_steps)
     min_lr = optimizer.param_groups[0]["lr"] * min_lr_ratio
     after = LR_SCHEDULES[schedule](optimizer, decay_steps, min_lr)
-    if warmup_steps <= 0:
+    if warmup_steps <= 1:
         return after
-    warmup = lr_scheduler.LinearLR(optimizer, 1.0 / warmup_steps, 1.0, total_iters=warmup_steps)
+    # lr * (k + 1) / warmup_steps at steps k = 0 .. warmup_steps - 1, then the decay schedule
+    warmup = lr_scheduler.LinearLR(optimizer, 1.0 / warmup_steps, 1.0, total_iters=warmup_steps - 1)
     return lr_scheduler.SequentialLR(optimizer, [warmup, after], milestones=[warmup_steps])
 
 

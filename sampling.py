@@ -13,6 +13,7 @@ DIFFUSIONS.
 import torch
 
 import prediction
+import utils
 
 
 # ---------------------------------------------------------------------------------------------
@@ -202,8 +203,8 @@ class PerSampleNoise:
 
 
 def sample_seed(seed, index):
-    """A distinct 64-bit seed for every (seed < 2^32, index < 2^32) pair."""
-    return ((seed % 2**32) << 32) | (index % 2**32)
+    """The seed of sample `index` of a run with base seed `seed`."""
+    return utils.mix_seed(seed, index, 0x5A)
 
 
 @torch.no_grad()

@@ -1,6 +1,7 @@
 """Distributions of training times t on [t_min, t_max].
 
-Every sampler is called as sampler(n, generator=None, device="cpu") and returns n times, float32.
+Every sampler is called as sampler(n, generator=None, device="cpu") and returns n times in the
+default dtype.
 Adding a sampler is one class and one entry in TIME_SAMPLERS.
 """
 

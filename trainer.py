@@ -57,7 +57,7 @@ class DiffusionTrainer:
 
         self.net = net.to(self.device)  # the raw module: its weights are what we save
         self.ema = EMA(self.net, c.ema_decay)
-        self.optimizer = build_optimizer(self.net, c.lr, c.weight_decay, c.betas)
+        self.optimizer = build_optimizer(self.net, c.lr, c.weight_decay, c.betas, c.adam_eps)
         self.scheduler = build_scheduler(
             self.optimizer, c.lr_schedule, c.steps, c.warmup_steps, c.min_lr_ratio
         )
@@ -147,16 +147,18 @@ class DiffusionTrainer:
     # -----------------------------------------------------------------------------------------
     # The loop.
     # -----------------------------------------------------------------------------------------
-    def train(self, logger_factory):
-        """Train from self.step to train.steps. `logger_factory(run_id)` makes the metrics logger
-        (after a resume, so that wandb continues the same run)."""
+    def train(self, logger_factory, until=None):
+        """Train from self.step to train.steps (or to step `until`, as if interrupted there).
+        `logger_factory(run_id)` makes the metrics logger (after a resume, so that wandb
+        continues the same run)."""
         c = self.config.train
+        until = self.steps if until is None else min(until, self.steps)
         logger = logger_factory(self.run_id)
         self.run_id = logger.run_id
         bar = logging_utils.progress_bar(self.steps, self.step, self.dist.is_main)
         loss_acc, norm_acc, n_acc = torch.zeros((), device=self.device), 0.0, 0
         tic, step_at_tic = time.time(), self.step
-        while self.step < self.steps:
+        while self.step < until:
             loss, grad_norm = self.train_step()
             loss_acc += loss
             norm_acc = norm_acc + grad_norm.detach()
@@ -332,7 +334,9 @@ def write_samples(x, labels, kind, stem, reference=None):
     if kind == "image":
         nrow = 10 if labels is not None and len(data) >= 10 else None
         upscale = max(1, 64 // data.shape[1])
-        return logging_utils.save_image_grid(data, stem + ".png", nrow=nrow, upscale=upscale)
+        return logging_utils.save_image_grid(
+            data, stem + ".png", nrow=nrow, upscale=upscale, padding=max(1, upscale // 2)
+        )
     if reference is not None:
         reference = data_utils.to_data_space(reference, kind)
     return logging_utils.save_scatter(data, stem + ".png", reference=reference)

@@ -98,11 +98,28 @@ def set_rng_state(state):
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
+def mix_seed(*values):
+    """A well-mixed 63-bit seed from a tuple of ints (splitmix64 over the values).
+
+    torch's CPU generator keys on the low 32 bits of its seed only, so seeds such as
+    (seed << 32) | index would collide; every output bit here depends on every input.
+    """
+    state = 0x9E3779B97F4A7C15
+    for value in values:
+        state = (
+            state ^ (int(value) & 0xFFFFFFFFFFFFFFFF)
+        ) * 0xBF58476D1CE4E5B9 & 0xFFFFFFFFFFFFFFFF
+        state ^= state >> 31
+        state = (state * 0x94D049BB133111EB) & 0xFFFFFFFFFFFFFFFF
+        state ^= state >> 29
+    return state >> 1
+
+
 def step_generator(seed, step, device):
     """A generator whose stream depends only on (seed, step): the randomness of one global batch,
     identical on every rank and after a resume."""
     generator = torch.Generator(device=device)
-    generator.manual_seed((seed * 1_000_003 + step) % 2**63)
+    generator.manual_seed(mix_seed(seed, step))
     return generator
 
 

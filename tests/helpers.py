@@ -1,0 +1,60 @@
+"""Shared test helpers: tiny configs that train in a second."""
+
+import os
+import subprocess
+import sys
+
+import config as config_lib
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+TINY_UNET = {
+    "model.base_channels": 8,
+    "model.channel_mults": (1, 2),
+    "model.num_res_blocks": 1,
+    "model.attn_resolutions": (),
+    "model.num_heads": 1,
+}
+TINY_MLP = {"model.hidden": 32, "model.num_blocks": 2}
+
+
+def tiny_config(preset, workdir, **overrides):
+    """A preset shrunk to a few tiny steps, writing under `workdir`, wandb disabled."""
+    c = config_lib.get_config(preset)
+    values = dict(TINY_MLP if c.model.name == "mlp" else TINY_UNET)
+    values.update(
+        {
+            "workdir": str(workdir),
+            "logging.wandb": "disabled",
+            "train.steps": 4,
+            "train.batch_size": 16,
+            "train.warmup_steps": 2,
+            "train.log_every": 1,
+            "train.sample_every": 0,
+            "train.save_every": 2,
+            "sample.num": 12,
+            "sample.batch_size": 8,
+            "sample.steps": 3,
+            "data.num_points": 512,
+            "data.num_workers": 0,
+        }
+    )
+    values.update({k.replace("__", "."): v for k, v in overrides.items()})
+    for key, value in values.items():
+        section, _, field = key.rpartition(".")
+        node = c[section] if section else c
+        node[field] = value
+    return c
+
+
+def run_main(*args, env=None, timeout=240):
+    """Run `python main.py ARGS` in the repo root; returns the CompletedProcess."""
+    full_env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
+    return subprocess.run(
+        [sys.executable, os.path.join(ROOT, "main.py"), *args],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        env=full_env,
+        timeout=timeout,
+    )

@@ -1,0 +1,152 @@
+"""The command-line contract: flags, one-line errors before any work, sample and info modes."""
+
+import json
+import os
+
+import numpy as np
+import pytest
+from helpers import run_main, tiny_config
+from PIL import Image
+
+import config as config_lib
+import main
+import utils
+from main import registry_choices
+
+
+def last_line(text):
+    return text.strip().splitlines()[-1]
+
+
+@pytest.mark.parametrize(
+    "args,expected",
+    [
+        (
+            ["--config.train.stepz=3"],
+            "config key 'train.stepz' does not exist; valid keys under train: [",
+        ),
+        (["--config=config.py:nope"], "config preset 'nope' is unknown; valid choices: ["),
+        (["--config.process.name=bogus"], "process.name='bogus' is unknown; valid choices: ["),
+        (["--config.sample.solver=rk9"], "sample.solver='rk9' is unknown; valid choices: ["),
+        (
+            ["--config.data.image_size=12", "--config.model.channel_mults=(1,2,2,2)"],
+            "data.image_size=12 cannot be halved 3 times",
+        ),
+        (
+            ["--config.prediction.model_output=eps", "--config.time_sampler.t_max=1.0"],
+            "singular at t=1",
+        ),
+    ],
+)
+def test_bad_flags_fail_with_one_line_before_work(tmp_path, args, expected):
+    result = run_main(*args, f"--config.workdir={tmp_path}", "--config.logging.wandb=disabled")
+    assert result.returncode != 0
+    assert expected in last_line(result.stderr), result.stderr[-2000:]
+    assert len(result.stderr.strip().splitlines()) == 1, result.stderr
+    assert not os.listdir(tmp_path)  # nothing was written
+
+
+def test_validate_rejects_impossible_values():
+    choices = registry_choices()
+    c = config_lib.get_config("digits")
+    config_lib.validate(c, choices, world_size=1)
+    with pytest.raises(ValueError, match="train.batch_size=64 is not divisible by world size 3"):
+        config_lib.validate(c, choices, world_size=3)
+    c.train.grad_accum = 3
+    with pytest.raises(ValueError, match="multiple of 3"):
+        config_lib.validate(c, choices, world_size=1)
+    c = config_lib.get_config("digits")
+    c.sample.num = 0
+    with pytest.raises(ValueError, match="sample.num=0 must be positive"):
+        config_lib.validate(c, choices)
+    c = config_lib.get_config("digits")
+    c.time_sampler.t_min, c.time_sampler.t_max = 0.5, 0.2
+    with pytest.raises(ValueError, match="need 0 <= t_min < t_max <= 1"):
+        config_lib.validate(c, choices)
+
+
+def test_unset_time_ranges_are_resolved_per_pairing():
+    c = config_lib.get_config("digits")
+    main.check_config(c, 1)
+    assert (c.time_sampler.t_min, c.time_sampler.t_max) == (0.0, 1.0)
+    assert (c.sample.t_min, c.sample.t_max) == (0.0, 1.0)
+    c = config_lib.get_config("digits")
+    c.process.name, c.prediction.model_output, c.prediction.target = "vp_cosine", "eps", "eps"
+    c.sample.solver = "euler_maruyama"
+    main.check_config(c, 1)
+    assert (c.time_sampler.t_min, c.time_sampler.t_max) == (1e-3, 1.0)
+    assert (c.sample.t_min, c.sample.t_max) == (1e-3, 1.0)
+
+
+def test_every_preset_validates():
+    for preset in config_lib.PRESETS:
+        c = config_lib.get_config(preset)
+        assert c.name == preset
+        main.check_config(c, 1)
+        for key in (
+            "name",
+            "seed",
+            "data.name",
+            "train.steps",
+            "train.batch_size",
+            "train.save_every",
+            "process.name",
+            "prediction.model_output",
+            "prediction.target",
+            "time_sampler.name",
+            "sample.solver",
+            "sample.steps",
+            "sample.num",
+            "sample.batch_size",
+            "sample.seed",
+        ):
+            assert key in config_lib.flatten(c), (preset, key)
+
+
+def test_sample_and_info_modes(tmp_path):
+    config = tiny_config("digits", tmp_path, train__steps=2)
+    trainer = main.train(config, {}, utils.DistInfo())
+    out = tmp_path / "out"
+    result = run_main(
+        "--mode=sample",
+        f"--ckpt={trainer.run_dir}",
+        f"--out={out}",
+        "--config.sample.num=13",
+        "--config.sample.steps=2",
+        "--config.sample.solver=euler_maruyama",
+        "--config.sample.batch_size=5",
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "NFE 3" in last_line(result.stdout)  # 2 SDE steps + the final denoising step
+    with np.load(out / "samples.npz") as f:
+        samples, labels = f["samples"], f["labels"]
+    assert samples.shape == (13, 8, 8, 1) and samples.dtype == np.uint8
+    assert (labels == np.arange(13) % 10).all()
+    assert Image.open(out / "grid.png").size == (10 * 68 + 4, 2 * 68 + 4)
+    result = run_main("--mode=info", f"--ckpt={trainer.run_dir}")
+    assert result.returncode == 0, result.stderr[-2000:]
+    summary = json.loads(result.stdout[result.stdout.index("{") :])
+    assert summary["step"] == 2 and summary["data"]["shape"] == [1, 8, 8]
+    assert summary["parameters"] == sum(p.numel() for p in trainer.net.parameters())
+    assert "loss" in summary["last_metrics"]
+    bad = run_main("--mode=sample", f"--ckpt={tmp_path / 'missing'}")
+    assert bad.returncode != 0 and "no such file" in last_line(bad.stderr)
+    bad = run_main("--mode=sample", f"--ckpt={trainer.run_dir}", "--config.train.lr=1.0")
+    assert bad.returncode != 0 and "only --config.sample.* overrides apply" in last_line(bad.stderr)
+
+
+def test_points_sample_mode_writes_scatter(tmp_path):
+    config = tiny_config("moons", tmp_path, train__steps=2)
+    trainer = main.train(config, {}, utils.DistInfo())
+    out = tmp_path / "out"
+    result = run_main(
+        "--mode=sample",
+        f"--ckpt={trainer.run_dir}",
+        f"--out={out}",
+        "--config.sample.num=50",
+        "--config.sample.steps=2",
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    with np.load(out / "samples.npz") as f:
+        assert f["samples"].shape == (50, 2) and "labels" not in f
+    assert Image.open(out / "scatter.png").size[0] > 100

@@ -1,0 +1,161 @@
+"""EMA, optimizer and schedules, logging helpers and atomic files against direct computations."""
+
+import json
+import math
+import os
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import logging_utils
+import utils
+from ema import EMA
+from optimizers import build_optimizer, build_scheduler, clip_gradients, param_groups
+
+
+def test_ema_matches_closed_form_with_warmup():
+    model = torch.nn.Linear(3, 2)
+    ema = EMA(model, decay=0.9)
+    expected = {k: v.clone() for k, v in model.state_dict().items()}
+    for n in range(1, 30):
+        with torch.no_grad():
+            for p in model.parameters():
+                p.add_(0.1 * n)
+        ema.update(model)
+        d = min(0.9, (1 + n) / (10 + n))
+        for k, v in model.state_dict().items():
+            expected[k] = d * expected[k] + (1 - d) * v
+    for k, v in ema.model.state_dict().items():
+        torch.testing.assert_close(v, expected[k])
+    assert ema.current_decay() == pytest.approx(30 / 39) and not any(
+        p.requires_grad for p in ema.model.parameters()
+    )
+    restored = EMA(torch.nn.Linear(3, 2), decay=0.9)
+    restored.load_state_dict(ema.state_dict())
+    assert restored.num_updates == 29
+    assert torch.equal(restored.model.weight, ema.model.weight)
+
+
+def test_ema_copies_buffers():
+    model = torch.nn.BatchNorm1d(4)
+    ema = EMA(model, decay=0.99)
+    model.running_mean.fill_(3.0)
+    ema.update(model)
+    assert torch.equal(ema.model.running_mean, torch.full((4,), 3.0))
+
+
+def test_no_weight_decay_on_norms_and_biases():
+    model = torch.nn.Sequential(
+        torch.nn.Conv2d(1, 4, 3), torch.nn.GroupNorm(2, 4), torch.nn.Linear(4, 2)
+    )
+    decay, no_decay = param_groups(model, 0.1)
+    assert decay["weight_decay"] == 0.1 and no_decay["weight_decay"] == 0.0
+    assert {id(p) for p in decay["params"]} == {id(model[0].weight), id(model[2].weight)}
+    assert len(no_decay["params"]) == 4  # conv bias, norm weight + bias, linear bias
+    optimizer = build_optimizer(model, 1e-3, 0.1)
+    assert isinstance(optimizer, torch.optim.AdamW)
+
+
+@pytest.mark.parametrize("schedule", ["constant", "cosine", "linear"])
+def test_schedules(schedule):
+    model = torch.nn.Linear(2, 2)
+    optimizer = build_optimizer(model, 1.0)
+    scheduler = build_scheduler(
+        optimizer, schedule, total_steps=20, warmup_steps=4, min_lr_ratio=0.1
+    )
+    lrs = []
+    for _ in range(20):
+        lrs.append(optimizer.param_groups[0]["lr"])
+        optimizer.step()
+        scheduler.step()
+    assert lrs[:4] == pytest.approx([0.25, 0.5, 0.75, 1.0])
+    after = [lrs[4 + k] for k in range(16)]
+    expected = {
+        "constant": [1.0] * 16,
+        "cosine": [0.1 + 0.9 * (1 + math.cos(math.pi * k / 16)) / 2 for k in range(16)],
+        "linear": [1.0 - 0.9 * k / 16 for k in range(16)],
+    }[schedule]
+    assert after == pytest.approx(expected, rel=1e-6)
+    with pytest.raises(ValueError, match="train.lr_schedule='step' is unknown; valid choices"):
+        build_scheduler(optimizer, "step", 10)
+
+
+def test_clip_gradients_returns_norm_and_clips():
+    model = torch.nn.Linear(3, 1, bias=False)
+    model.weight.grad = torch.tensor([[3.0, 4.0, 0.0]])
+    norm = clip_gradients(model, 1.0)
+    assert norm.item() == pytest.approx(5.0)
+    assert model.weight.grad.norm().item() == pytest.approx(1.0, rel=1e-5)
+    model.weight.grad = torch.tensor([[3.0, 4.0, 0.0]])
+    assert clip_gradients(model, 0.0).item() == pytest.approx(5.0)  # 0 disables clipping
+    assert model.weight.grad.norm().item() == pytest.approx(5.0)
+
+
+def test_image_grid_layout():
+    images = np.stack([np.full((2, 3, 1), 10 * i, np.uint8) for i in range(5)])
+    grid = logging_utils.image_grid(images, nrow=3, padding=1, upscale=2)
+    assert grid.shape == (2 * (4 + 1) + 1, 3 * (6 + 1) + 1, 1)
+    assert (grid[1:5, 1:7] == 0).all() and (grid[1:5, 8:14] == 10).all()
+    assert (grid[6:10, 1:7] == 30).all() and (grid[6:10, 15:21] == 255).all()  # empty slot
+
+
+def test_save_image_grid_and_scatter(tmp_path):
+    path = logging_utils.save_image_grid(np.zeros((4, 8, 8, 3), np.uint8), tmp_path / "g.png")
+    assert Image.open(path).size == (2 * 9 + 1, 2 * 9 + 1)
+    points = np.random.default_rng(0).normal(size=(500, 2))
+    path = logging_utils.save_scatter(points, str(tmp_path / "s.png"), reference=points)
+    assert Image.open(path).size == (500, 500)
+
+
+def test_metrics_logger_writes_jsonl(tmp_path):
+    logger = logging_utils.MetricsLogger(str(tmp_path), enabled=True)
+    logger.log(3, {"loss": 0.5})
+    logger.log(4, {"loss": 0.25})
+    records = logging_utils.read_metrics(str(tmp_path))
+    assert [(r["step"], r["loss"]) for r in records] == [(3, 0.5), (4, 0.25)]
+    silent = logging_utils.MetricsLogger(str(tmp_path / "other"), enabled=False)
+    silent.log(1, {"loss": 1.0})
+    assert not os.path.exists(tmp_path / "other")
+
+
+def test_wandb_mode_resolution(monkeypatch, tmp_path):
+    monkeypatch.setenv("HOME", str(tmp_path))
+    monkeypatch.delenv("WANDB_API_KEY", raising=False)
+    mode, reason = logging_utils.resolve_wandb_mode("auto")
+    assert mode == "offline" and "no credentials" in reason
+    monkeypatch.setenv("WANDB_API_KEY", "x" * 40)
+    assert logging_utils.resolve_wandb_mode("auto")[0] == "online"
+    assert logging_utils.resolve_wandb_mode("disabled")[0] == "disabled"
+    with pytest.raises(ValueError, match="valid choices"):
+        logging_utils.resolve_wandb_mode("loud")
+
+
+def test_wandb_offline_run_is_written(tmp_path):
+    logger = logging_utils.MetricsLogger(str(tmp_path), True, "offline", "test", "t", {"a": 1})
+    logger.log(1, {"loss": 1.0})
+    run_id = logger.run_id
+    logger.close()
+    runs = [d for d in os.listdir(tmp_path / "wandb") if d.startswith("offline-run-")]
+    assert len(runs) == 1 and runs[0].endswith(run_id)
+
+
+def test_atomic_writes_leave_old_file_on_failure(tmp_path):
+    path = tmp_path / "x.json"
+    utils.atomic_write_json({"a": 1}, path)
+
+    class Boom:
+        def __reduce__(self):
+            raise RuntimeError("boom")
+
+    with pytest.raises(RuntimeError, match="boom"):
+        utils.atomic_torch_save({"bad": Boom()}, path)
+    assert json.load(open(path)) == {"a": 1}
+    assert os.listdir(tmp_path) == ["x.json"]
+
+
+def test_mix_seed_distinct_low_bits():
+    low = {utils.mix_seed(s, i) & 0xFFFFFFFF for s in range(4) for i in range(1000)}
+    assert len(low) == 4000
+    assert utils.mix_seed(1, 2) == utils.mix_seed(1, 2) != utils.mix_seed(2, 1)

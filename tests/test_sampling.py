@@ -1,0 +1,217 @@
+"""Samplers driven by the exact field of Gaussian data, where everything is closed-form.
+
+For x0 ~ N(m, s^2) (per dimension) and x_t = a x0 + b x1 with x1 ~ N(0, 1):
+    E[x1 | x_t] = b (x_t - a m) / (a^2 s^2 + b^2),   E[x0 | x_t] = (x_t - b E[x1 | x_t]) / a,
+the probability-flow ODE maps x1 to m + s x1 exactly, and the score is -E[x1 | x_t] / b.
+"""
+
+import pytest
+import torch
+
+import prediction
+import sampling
+from processes import build_process
+
+MEAN, STD = torch.tensor([1.5, -0.5]), torch.tensor([0.5, 2.0])
+
+
+@pytest.fixture(autouse=True)
+def _float64():
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    yield
+    torch.set_default_dtype(previous)
+
+
+class GaussianOracle(torch.nn.Module):
+    """The exact model output of type `kind` for Gaussian data under `process`."""
+
+    def __init__(self, process, kind, mean=MEAN, std=STD):
+        super().__init__()
+        self.process, self.kind, self.mean, self.std = process, kind, mean, std
+
+    def forward(self, x, t, y=None):
+        c = prediction.coefs_at(self.process, t, x)
+        var = c.alpha**2 * self.std**2 + c.sigma**2
+        eps_hat = c.sigma * (x - c.alpha * self.mean) / var
+        x0_hat = self.mean + c.alpha * self.std**2 * (x - c.alpha * self.mean) / var
+        return prediction.FROM_X0_EPS[self.kind](x0_hat, eps_hat, c)
+
+
+def terminal_error(process, kind, solver, steps, t_max=1.0, t_min=0.0):
+    x1 = torch.randn(256, 2, generator=torch.Generator().manual_seed(0))
+    net = GaussianOracle(process, kind)
+    x, nfe = sampling.sample(
+        net, process, kind, x1, solver=solver, steps=steps, t_max=t_max, t_min=t_min
+    )
+    # exact flow from t_max: invert the affine marginal map at t_max, then map to data
+    c = prediction.coefs_at(process, torch.tensor(t_max), x1)
+    z = (x1 - c.alpha * MEAN) / torch.sqrt(c.alpha**2 * STD**2 + c.sigma**2)
+    c0 = prediction.coefs_at(process, torch.tensor(t_min), x1)
+    exact = c0.alpha * MEAN + torch.sqrt(c0.alpha**2 * STD**2 + c0.sigma**2) * z
+    return (x - exact).abs().max().item(), nfe
+
+
+@pytest.mark.parametrize(
+    "name,kind,t_max,t_min",
+    [("linear", "velocity", 1.0, 0.0), ("trig", "eps", 0.999, 0.0), ("vp_cosine", "v", 1.0, 0.01)],
+)
+@pytest.mark.parametrize("solver,order", [("euler", 1), ("heun", 2)])
+def test_ode_convergence_order(name, kind, t_max, t_min, solver, order):
+    process = build_process(name)
+    errors = [terminal_error(process, kind, solver, n, t_max, t_min)[0] for n in (40, 80, 160)]
+    rates = [torch.log2(torch.tensor(errors[i] / errors[i + 1])).item() for i in range(2)]
+    assert errors[-1] < 0.1
+    for rate in rates:
+        assert rate == pytest.approx(order, abs=0.25), (errors, rates)
+
+
+def test_nfe_counts():
+    process = build_process("linear")
+    net = GaussianOracle(process, "velocity")
+    x1 = torch.randn(4, 2)
+    for solver, per_step in (("euler", 1), ("heun", 2), ("euler_maruyama", 1)):
+        _, nfe = sampling.sample(
+            net,
+            process,
+            "velocity",
+            x1,
+            solver=solver,
+            steps=7,
+            t_min=0.01,
+            t_max=0.99,
+            diffusion="constant",
+        )
+        assert nfe == 7 * per_step
+        _, nfe = sampling.sample(
+            net,
+            process,
+            "velocity",
+            x1,
+            solver=solver,
+            steps=7,
+            t_min=0.01,
+            t_max=0.99,
+            diffusion="constant",
+            denoise_final=True,
+        )
+        assert nfe == 7 * per_step + 1
+
+
+@pytest.mark.parametrize("diffusion", ["process", "constant", "sigma"])
+def test_sde_reproduces_mean_and_variance(diffusion):
+    process = build_process("vp_linear") if diffusion == "process" else build_process("linear")
+    net = GaussianOracle(process, "eps")
+    n = 20_000
+    gen = torch.Generator().manual_seed(0)
+    x1 = torch.randn(n, 2, generator=gen)
+    noise = lambda x: torch.randn(x.shape, generator=gen)
+    x, _ = sampling.sample(
+        net,
+        process,
+        "eps",
+        x1,
+        solver="euler_maruyama",
+        steps=400,
+        t_max=0.999,
+        t_min=1e-3,
+        diffusion=diffusion,
+        denoise_final=True,
+        noise=noise,
+    )
+    mean_se = STD / n**0.5
+    assert ((x.mean(0) - MEAN).abs() < 4 * mean_se + 0.01).all(), x.mean(0)
+    var_se = STD**2 * (2 / n) ** 0.5
+    assert ((x.var(0) - STD**2).abs() < 4 * var_se + 0.03 * STD**2).all(), x.var(0)
+
+
+def test_sde_with_zero_diffusion_is_euler():
+    process = build_process("linear")
+    net = GaussianOracle(process, "velocity")
+    x1 = torch.randn(8, 2)
+    ode, _ = sampling.sample(net, process, "velocity", x1, solver="euler", steps=10)
+    sde, _ = sampling.sample(
+        net,
+        process,
+        "velocity",
+        x1,
+        solver="euler_maruyama",
+        steps=10,
+        t_max=1.0,
+        t_min=0.0,
+        diffusion="constant",
+        diffusion_scale=0.0,
+    )
+    torch.testing.assert_close(sde, ode)
+
+
+class LabelNet(torch.nn.Module):
+    """Outputs its label (the null class num_classes outputs 0) everywhere."""
+
+    def forward(self, x, t, y=None):
+        value = torch.where(y == 3, torch.zeros_like(y), y + 1).to(x.dtype)
+        return value.reshape(-1, *([1] * (x.dim() - 1))).expand_as(x)
+
+
+def test_classifier_free_guidance_combination():
+    field = sampling.Field(
+        LabelNet(),
+        build_process("linear"),
+        "velocity",
+        y=torch.tensor([0, 1, 2]),
+        guidance_scale=2.5,
+        num_classes=3,
+    )
+    out = field.output(torch.zeros(3, 2), 0.5)
+    # null output 0, conditional y + 1: 0 + 2.5 * (y + 1 - 0)
+    torch.testing.assert_close(out[:, 0], 2.5 * torch.tensor([1.0, 2.0, 3.0]))
+    assert field.nfe == 1
+    plain = sampling.Field(
+        LabelNet(),
+        build_process("linear"),
+        "velocity",
+        y=torch.tensor([0, 1, 2]),
+        guidance_scale=1.0,
+        num_classes=3,
+    )
+    torch.testing.assert_close(
+        plain.output(torch.zeros(3, 2), 0.5)[:, 0], torch.tensor([1.0, 2.0, 3.0])
+    )
+
+
+@pytest.mark.parametrize("solver", ["heun", "euler_maruyama"])
+def test_per_sample_seeding_independent_of_batch_size(solver):
+    process = build_process("linear")
+    net = GaussianOracle(process, "velocity")
+    indices = list(range(20))
+    kwargs = dict(solver=solver, steps=5, t_max=0.99, t_min=0.01, diffusion="constant")
+    outs = [
+        sampling.generate(net, process, "velocity", (2,), indices, seed=3, batch_size=b, **kwargs)[
+            0
+        ]
+        for b in (1, 7, 64)
+    ]
+    torch.testing.assert_close(outs[0], outs[1], rtol=0, atol=1e-12)
+    torch.testing.assert_close(outs[0], outs[2], rtol=0, atol=1e-12)
+    other, _ = sampling.generate(
+        net, process, "velocity", (2,), indices, seed=4, batch_size=64, **kwargs
+    )
+    assert (other - outs[0]).abs().max() > 0.1
+    # a subset of indices gives the same samples for those indices (sharding over ranks)
+    odd, _ = sampling.generate(
+        net, process, "velocity", (2,), indices[1::2], seed=3, batch_size=4, **kwargs
+    )
+    torch.testing.assert_close(odd, outs[0][1::2], rtol=0, atol=1e-12)
+
+
+def test_check_sampling_range_messages():
+    linear = build_process("linear")
+    assert (
+        sampling.check_sampling_range(linear, "velocity", "heun", 0.0, 1.0, "sigma", 1, 10) is None
+    )
+    message = sampling.check_sampling_range(linear, "x0", "heun", 0.0, 1.0, "sigma", 1, 10)
+    assert "singular at t=0" in message and "sample.t_min" in message
+    message = sampling.check_sampling_range(
+        linear, "velocity", "euler_maruyama", 0.01, 1.0, "process", 1, 10
+    )
+    assert "singular at t=1" in message

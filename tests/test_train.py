@@ -1,0 +1,193 @@
+"""Training end to end: exact resume, accumulation, checkpoints, metrics, presets on tiny files."""
+
+import json
+import os
+
+import numpy as np
+import pytest
+import torch
+from helpers import tiny_config
+from PIL import Image
+from test_data import fail_download, write_cifar, write_mnist, write_png
+
+import data_utils
+import main
+import utils
+from logging_utils import read_metrics
+from trainer import data_info_of, find_latest_checkpoint
+
+SINGLE = utils.DistInfo()
+
+
+def load(path):
+    return torch.load(path, map_location="cpu", weights_only=False)
+
+
+def assert_states_equal(a, b):
+    """Bit-identical model, EMA, optimizer and scheduler state."""
+    for key in ("model",):
+        for name in a[key]:
+            assert torch.equal(a[key][name], b[key][name]), name
+    for name in a["ema"]["model"]:
+        assert torch.equal(a["ema"]["model"][name], b["ema"]["model"][name]), name
+    assert a["ema"]["num_updates"] == b["ema"]["num_updates"]
+    opt_a, opt_b = a["optimizer"]["state"], b["optimizer"]["state"]
+    assert opt_a.keys() == opt_b.keys()
+    for index in opt_a:
+        for field in opt_a[index]:
+            assert torch.equal(opt_a[index][field], opt_b[index][field]), (index, field)
+    assert a["scheduler"] == b["scheduler"]
+    assert a["step"] == b["step"] and a["loader"] == b["loader"]
+
+
+@pytest.mark.parametrize("preset", ["digits", "checkerboard"])
+def test_resume_is_bit_identical(tmp_path, preset):
+    """2N steps in one go == N steps, stop, resume for N more (dropout on, cosine LR)."""
+    kwargs = dict(
+        train__steps=6,
+        train__save_every=3,
+        model__dropout=0.2,
+        train__lr_schedule="cosine",
+        time_sampler__name="stratified",
+    )
+    whole = main.train(tiny_config(preset, tmp_path / "a", **kwargs), {}, SINGLE)
+    assert whole.step == 6
+    first = main.train(tiny_config(preset, tmp_path / "b", **kwargs), {}, SINGLE, until=3)
+    assert first.step == 3
+    resumed = main.train(tiny_config(preset, tmp_path / "b", **kwargs), {}, SINGLE)
+    assert resumed.step == 6
+    a = load(find_latest_checkpoint(whole.run_dir))
+    b = load(find_latest_checkpoint(resumed.run_dir))
+    assert_states_equal(a, b)
+    # the metrics file of the resumed run has each step once, and the same losses
+    steps = [r["step"] for r in read_metrics(resumed.run_dir)]
+    assert steps == list(range(1, 7))
+    losses_a = [r["loss"] for r in read_metrics(whole.run_dir)]
+    losses_b = [r["loss"] for r in read_metrics(resumed.run_dir)]
+    assert losses_a == losses_b
+
+
+def test_gradient_accumulation_matches_full_batch(tmp_path):
+    """grad_accum=4 micro-batches of 4 == one batch of 16 (same data, t, noise, label drops)."""
+    kw = dict(train__steps=3, train__grad_clip=0.0, train__adam_eps=1e-4)  # see test_ddp.py
+    full = main.train(tiny_config("digits", tmp_path / "a", **kw), {}, SINGLE)
+    accum = main.train(tiny_config("digits", tmp_path / "b", train__grad_accum=4, **kw), {}, SINGLE)
+    for (name, p), q in zip(
+        full.net.state_dict().items(), accum.net.state_dict().values(), strict=True
+    ):
+        torch.testing.assert_close(p, q, rtol=1e-4, atol=1e-5, msg=name)
+    utils.seed_everything(full.config.seed)
+    init = main.build_net(full.config, data_info_of(full.dataset)).state_dict()
+    assert any(not torch.equal(init[k], v) for k, v in full.net.state_dict().items())
+
+
+def test_checkpoint_contents_pruning_and_nan_refusal(tmp_path):
+    config = tiny_config(
+        "digits", tmp_path, train__steps=6, train__save_every=1, train__keep_ckpts=2
+    )
+    trainer = main.train(config, {}, SINGLE)
+    ckpts = sorted(os.listdir(trainer.run_dir))
+    assert [f for f in ckpts if f.startswith("ckpt_")] == ["ckpt_0000005.pt", "ckpt_0000006.pt"]
+    assert not [f for f in ckpts if f.startswith(".tmp")]
+    state = load(os.path.join(trainer.run_dir, "ckpt_0000006.pt"))
+    for key in (
+        "model",
+        "ema",
+        "optimizer",
+        "scheduler",
+        "step",
+        "config",
+        "rng",
+        "loader",
+        "run_id",
+        "data_info",
+        "world_size",
+    ):
+        assert key in state, key
+    assert state["config"]["train"]["steps"] == 6 and len(state["rng"]) == 1
+    saved_config = json.load(open(os.path.join(trainer.run_dir, "config.json")))
+    assert saved_config["time_sampler"]["t_min"] == 0.0  # resolved, not null
+    before = open(os.path.join(trainer.run_dir, "ckpt_0000006.pt"), "rb").read()
+    with torch.no_grad():
+        next(trainer.net.parameters())[0] = float("nan")
+    trainer.step = 7
+    with pytest.raises(FloatingPointError, match="non-finite weights at step 7"):
+        trainer.save()
+    assert not os.path.exists(os.path.join(trainer.run_dir, "ckpt_0000007.pt"))
+    assert open(os.path.join(trainer.run_dir, "ckpt_0000006.pt"), "rb").read() == before
+
+
+def test_metrics_and_sample_grid(tmp_path):
+    config = tiny_config(
+        "digits", tmp_path, train__steps=4, train__log_every=2, train__sample_every=2
+    )
+    trainer = main.train(config, {}, SINGLE)
+    records = read_metrics(trainer.run_dir)
+    assert [r["step"] for r in records] == [2, 4]
+    for r in records:
+        assert {"loss", "grad_norm", "lr", "steps_per_sec", "samples_per_sec"} <= r.keys()
+        assert np.isfinite(r["loss"]) and r["loss"] > 0
+    grid = Image.open(os.path.join(trainer.run_dir, "samples_0000004.png"))
+    # 12 samples, 10 per row (one class per column), 8x8 upscaled 8x, 1 px padding
+    assert grid.size == (10 * 68 + 4, 2 * 68 + 4)
+
+
+def test_loss_decreases_on_checkerboard(tmp_path):
+    config = tiny_config(
+        "checkerboard",
+        tmp_path,
+        train__steps=150,
+        train__batch_size=256,
+        train__log_every=50,
+        train__save_every=150,
+        data__num_points=4096,
+        train__lr=3e-3,
+    )
+    trainer = main.train(config, {}, SINGLE)
+    losses = [r["loss"] for r in read_metrics(trainer.run_dir)]
+    assert losses[-1] < 0.8 * losses[0], losses
+
+
+@pytest.fixture
+def tiny_files(tmp_path, monkeypatch):
+    monkeypatch.setattr(data_utils, "_download", fail_download)  # never touch the network
+    root = tmp_path / "data"
+    write_mnist(root, n=20)
+    write_cifar(root, n=4)
+    for i in range(6):
+        write_png(root / "images" / f"class{i % 2}" / f"{i}.png", (20 + i, 24), (40 * i, 80, 160))
+    return root
+
+
+@pytest.mark.parametrize(
+    "preset,extra",
+    [
+        ("mnist", {}),
+        ("mnist", {"data__image_size": 32, "model__channel_mults": (1, 2, 2)}),
+        ("cifar10", {"data__num_workers": 0}),
+        ("imagefolder", {"data__image_size": 16}),
+        ("moons", {}),
+        ("gaussians8", {}),
+    ],
+)
+def test_presets_train_on_tiny_files(tmp_path, tiny_files, preset, extra):
+    config = tiny_config(
+        preset,
+        tmp_path / "ckpts",
+        data__root=str(tiny_files),
+        data__path=str(tiny_files / "images"),
+        train__steps=2,
+        train__sample_every=2,
+        train__batch_size=4,
+        sample__num=4,
+        **extra,
+    )
+    trainer = main.train(config, {}, SINGLE)
+    assert trainer.step == 2
+    assert os.path.exists(os.path.join(trainer.run_dir, "ckpt_0000002.pt"))
+    assert Image.open(os.path.join(trainer.run_dir, "samples_0000002.png")).size[0] > 0
+    shapes = {"mnist": (1, 28, 28), "cifar10": (3, 32, 32), "imagefolder": (3, 16, 16)}
+    expected = shapes.get(preset, (2,))
+    if preset == "mnist" and extra:
+        expected = (1, 32, 32)
+    assert tuple(trainer.dataset.shape) == expected
