@@ -31,7 +31,8 @@ class MLPBlock(nn.Module):
 
 
 class MLP(nn.Module):
-    """Residual MLP: input Linear, `num_blocks` conditioned residual blocks, output Linear."""
+    """Residual MLP: input Linear, `num_blocks` conditioned residual blocks, output Linear
+    (`out_dim` outputs, default `dim`)."""
 
     def __init__(
         self,
@@ -40,6 +41,7 @@ class MLP(nn.Module):
         num_blocks: int = 4,
         dropout: float = 0.0,
         num_classes: int = 0,
+        out_dim: int | None = None,
     ):
         super().__init__()
         self.dim = dim
@@ -47,7 +49,9 @@ class MLP(nn.Module):
         self.cond_embed = ConditionEmbedding(max(hidden // 2, 2), hidden, num_classes)
         self.input_proj = nn.Linear(dim, hidden)
         self.blocks = nn.ModuleList([MLPBlock(hidden, hidden, dropout) for _ in range(num_blocks)])
-        self.out = nn.Sequential(nn.LayerNorm(hidden), nn.SiLU(), zero_init(nn.Linear(hidden, dim)))
+        self.out = nn.Sequential(
+            nn.LayerNorm(hidden), nn.SiLU(), zero_init(nn.Linear(hidden, out_dim or dim))
+        )
 
     def forward(self, x: torch.Tensor, t, y: torch.Tensor | None = None) -> torch.Tensor:
         """x: (B, dim); t: (B,) floats in [0, 1] or a scalar; y: long (B,) or None."""

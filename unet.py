@@ -176,7 +176,8 @@ class UNet(nn.Module):
     `attn_resolutions` lists spatial sizes (image_size, image_size / 2, ...) after whose residual
     blocks self-attention is applied; sizes that no level has are simply unused. The middle block
     always has attention. `num_classes=0` is unconditional; otherwise label `num_classes` is the
-    null class, used when `y` is None.
+    null class, used when `y` is None. `out_channels` defaults to `in_channels` (a second field,
+    e.g. the z-denoiser of a stochastic interpolant, doubles it).
     """
 
     def __init__(
@@ -190,6 +191,7 @@ class UNet(nn.Module):
         dropout: float = 0.0,
         num_heads: int = 4,
         num_classes: int = 0,
+        out_channels: int | None = None,
     ):
         super().__init__()
         channel_mults = tuple(channel_mults)
@@ -251,7 +253,7 @@ class UNet(nn.Module):
         self.out = nn.Sequential(
             group_norm(channels),
             nn.SiLU(),
-            zero_init(nn.Conv2d(channels, in_channels, 3, padding=1)),
+            zero_init(nn.Conv2d(channels, out_channels or in_channels, 3, padding=1)),
         )
 
     def forward(self, x: torch.Tensor, t, y: torch.Tensor | None = None) -> torch.Tensor:
