@@ -41,7 +41,15 @@ def base_config():
     c.model.num_blocks = 4
 
     c.process = ConfigDict()
-    c.process.name = "linear"  # linear | trig | vp_linear | vp_cosine
+    c.process.name = "linear"  # linear | trig | vp_linear | vp_cosine | ve
+    # Stochastic interpolant x_t = alpha x0 + sigma x1 + gamma(t) z: none | sqrt | quadratic
+    # (sqrt: gamma = sqrt(a t (1 - t)), a = gamma_scale). With gamma the net also learns the
+    # z-denoiser, which gives the score for SDE sampling; velocity outputs and targets only.
+    c.process.gamma = "none"
+    c.process.gamma_scale = 1.0
+    # Base distribution of x1: gaussian, or a 2-D toy set (checkerboard | moons | gaussians8)
+    # for 2-D data (velocity only; SDE sampling then needs a gamma).
+    c.process.base = "gaussian"
 
     c.prediction = ConfigDict()
     c.prediction.model_output = "velocity"  # velocity | eps | x0 | score | v
@@ -75,21 +83,37 @@ def base_config():
     c.train.sample_every = 5000  # sample grid into the run directory; 0 disables
     c.train.save_every = 5000  # checkpoint; the last step is always saved
     c.train.keep_ckpts = 2  # newest checkpoints kept in the run directory
+    c.train.eval_every = 0  # run the evaluation (see `eval`) every N steps; 0 disables
+    c.train.ot_pairing = False  # minibatch optimal-transport pairing of x0 and x1 (OT-CFM)
 
     c.sample = ConfigDict()
-    c.sample.solver = "heun"  # euler | heun (ODE), euler_maruyama (SDE)
-    c.sample.steps = 50
-    c.sample.grid = "uniform"
-    c.sample.diffusion = "sigma"  # SDE eps(t): process | constant | sigma
+    c.sample.solver = "heun"  # ODE: euler | heun | midpoint | rk4 | dopri5; SDE: euler_maruyama
+    c.sample.steps = 50  # | heun_sde. Steps of the grid (dopri5: reporting points only)
+    c.sample.grid = "uniform"  # uniform | edm (rho = 7 in sigma / alpha) | logsnr
+    c.sample.diffusion = "sigma"  # SDE eps(t): process | constant | sigma | decreasing
     c.sample.diffusion_scale = 1.0
+    c.sample.rtol = 1e-5  # dopri5 tolerances
+    c.sample.atol = 1e-5
     c.sample.denoise_final = True  # finish with the model's x0 estimate at t_min
     c.sample.guidance_scale = 1.0  # classifier-free guidance w (1 = plain conditional)
+    c.sample.guidance_interval = (0.0, 1.0)  # guide only for t in this interval
+    c.sample.clip_x0 = "none"  # images: none | static ([-1, 1]) | dynamic (Imagen)
+    c.sample.clip_percentile = 0.995  # dynamic thresholding percentile
     c.sample.num = 64
     c.sample.batch_size = 256
     c.sample.seed = 0
     c.sample.use_ema = True
     c.sample.t_min = config_dict.placeholder(float)  # unset: 0, or 1e-3 where singular
     c.sample.t_max = config_dict.placeholder(float)  # unset: 1, or 1 - 1e-3 where singular
+
+    c.eval = ConfigDict()  # --mode=eval, and train.eval_every
+    c.eval.feature_extractor = "classifier"  # images: classifier (digits, mnist) | inception
+    c.eval.nll_num = 256  # data points whose likelihood is computed (0 skips the NLL)
+    c.eval.nll_solver = "rk4"  # any ODE solver
+    c.eval.nll_steps = 32
+    c.eval.divergence = "auto"  # exact | hutchinson | auto (exact up to 64 dimensions)
+    c.eval.num_probes = 1  # Hutchinson probes per sample
+    c.eval.seed = 0
 
     c.logging = ConfigDict()
     c.logging.wandb = "auto"  # auto (online with credentials, else offline) | online | offline
@@ -138,6 +162,16 @@ def gaussians8():
     return _toy("gaussians8")
 
 
+def gaussians8_to_moons():
+    """2-D transport between two data sets: x1 from 8 Gaussians, x0 from two moons, a stochastic
+    interpolant (gamma = sqrt(t (1 - t))) so that SDE sampling works too."""
+    c = _toy("moons")
+    c.process.base, c.process.gamma = "gaussians8", "sqrt"
+    c.sample.denoise_final = False  # no x0 estimate without a Gaussian base
+    c.eval.nll_num = 0  # the base density is not Gaussian
+    return c
+
+
 def mnist():
     """MNIST at 28x28, class-conditional U-Net (files under data/mnist/)."""
     c = base_config()
@@ -177,7 +211,17 @@ def imagefolder():
 
 
 PRESETS = {
-    f.__name__: f for f in (digits, checkerboard, moons, gaussians8, mnist, cifar10, imagefolder)
+    f.__name__: f
+    for f in (
+        digits,
+        checkerboard,
+        moons,
+        gaussians8,
+        gaussians8_to_moons,
+        mnist,
+        cifar10,
+        imagefolder,
+    )
 }
 
 

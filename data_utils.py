@@ -106,6 +106,22 @@ def _points_to_data(x: torch.Tensor) -> np.ndarray:
 _TO_DATA = {"image": _image_to_data, "points": _points_to_data}
 
 
+def likelihood_data(
+    dataset: ArrayDataset, num: int, seed: int = 0
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The first `num` items as (x, y) for likelihood evaluation, in model space.
+
+    Images are dequantised: pixel k in 0..255 becomes x = (k + u) / 128 - 1 with u ~ U[0, 1)
+    (seeded), a continuous density on [-1, 1) whose NLL, plus D log 128, bounds the discrete
+    NLL (see sampling.bits_per_dim). Points are returned as they are.
+    """
+    x, y = dataset.x[:num], dataset.y[:num]
+    if dataset.kind != "image":
+        return x.float(), y
+    u = torch.rand(x.shape, generator=torch.Generator().manual_seed(seed))
+    return (x.float() + u) / 128.0 - 1.0, y
+
+
 def to_data_space(x: torch.Tensor, kind: str) -> np.ndarray:
     """Model space -> data space. Images: [-1, 1] (N, C, H, W) float -> uint8 (N, H, W, C),
     rounded and clipped (a single (C, H, W) image gives (H, W, C)); points: float32 as they are.

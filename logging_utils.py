@@ -170,3 +170,28 @@ def save_scatter(points, path, reference=None, title=None, limit=None):
     fig.savefig(path)
     plt.close(fig)
     return path
+
+
+def save_scatter_snapshots(snapshots, path, limit=None):
+    """A row of scatter plots of 2-D points, one per (t, points (N, 2)) snapshot, as a PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    if limit is None:
+        limit = float(np.percentile(np.abs(snapshots[-1][1]), 99.5)) * 1.2 + 1e-6
+    fig, axes = plt.subplots(1, len(snapshots), figsize=(2.5 * len(snapshots), 2.7), dpi=100)
+    for ax, (t, points) in zip(np.atleast_1d(axes), snapshots, strict=True):
+        ax.scatter(points[:, 0], points[:, 1], s=1, alpha=0.5, c="tab:blue")
+        ax.set_xlim(-limit, limit)
+        ax.set_ylim(-limit, limit)
+        ax.set_aspect("equal")
+        ax.set_xticks([])
+        ax.set_yticks([])
+        ax.set_title(f"t = {t:.2f}")
+    fig.tight_layout()
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    fig.savefig(path)
+    plt.close(fig)
+    return path

@@ -19,6 +19,7 @@ from ml_collections import ConfigDict, config_flags
 
 import config as config_lib
 import data_utils
+import evaluation
 import logging_utils
 import prediction
 import sampling
@@ -26,12 +27,12 @@ import time_samplers
 import trainer as trainer_lib
 import utils
 from mlp import MLP
-from processes import PROCESSES, build_process
+from processes import GAMMAS, PROCESSES, build_process
 from trainer import DiffusionTrainer, find_latest_checkpoint
 from unet import UNet
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-MODES = ("train", "sample", "info")
+MODES = ("train", "sample", "eval", "info")
 
 FLAGS = flags.FLAGS
 
@@ -54,7 +55,7 @@ def define_flags():
 # Building the parts from a config.
 # ---------------------------------------------------------------------------------------------
 NETWORKS = {
-    "unet": lambda m, shape, num_classes: UNet(
+    "unet": lambda m, shape, num_classes, out: UNet(
         shape[0],
         shape[1],
         base_channels=m.base_channels,
@@ -64,15 +65,18 @@ NETWORKS = {
         dropout=m.dropout,
         num_heads=m.num_heads,
         num_classes=num_classes,
+        out_channels=out,
     ),
-    "mlp": lambda m, shape, num_classes: MLP(
+    "mlp": lambda m, shape, num_classes, out: MLP(
         shape[0],
         hidden=m.hidden,
         num_blocks=m.num_blocks,
         dropout=m.dropout,
         num_classes=num_classes,
+        out_dim=out,
     ),
 }
+BASES = ("gaussian", *data_utils.TOY_SETS)
 
 
 def registry_choices():
@@ -81,51 +85,101 @@ def registry_choices():
         "data.name": data_utils.DATASETS,
         "model.name": NETWORKS,
         "process.name": PROCESSES,
+        "process.gamma": GAMMAS,
+        "process.base": BASES,
         "prediction.model_output": prediction.PREDICTION_TYPES,
         "prediction.target": prediction.PREDICTION_TYPES,
         "time_sampler.name": time_samplers.TIME_SAMPLERS,
         "sample.solver": sampling.SOLVERS,
         "sample.grid": sampling.TIME_GRIDS,
         "sample.diffusion": sampling.DIFFUSIONS,
+        "sample.clip_x0": sampling.CLIPPERS,
         "train.lr_schedule": ("constant", "cosine", "linear"),
         "train.precision": ("fp32", "bf16"),
+        "eval.feature_extractor": evaluation.FEATURE_EXTRACTORS,
+        "eval.nll_solver": sampling.ODE_SOLVERS,
+        "eval.divergence": ("auto", "exact", "hutchinson"),
         "logging.wandb": logging_utils.WANDB_MODES,
     }
 
 
 def build_net(config, data_info):
+    """The network; its output doubles (velocity, z-denoiser) for a stochastic interpolant."""
     num_classes = data_info["num_classes"] if config.model.class_conditional else 0
-    return NETWORKS[config.model.name](config.model, tuple(data_info["shape"]), num_classes)
+    shape = tuple(data_info["shape"])
+    out = shape[0] * (2 if config.process.gamma != "none" else 1)
+    return NETWORKS[config.model.name](config.model, shape, num_classes, out)
+
+
+def check_combinations(config):
+    """Reject process / prediction / sampler combinations that cannot work (one line each)."""
+    p, s, base = config.prediction, config.sample, config.process.base
+    stochastic = config.process.gamma != "none"
+    where = (
+        f"process.base={base}" if base != "gaussian" else f"process.gamma={config.process.gamma}"
+    )
+    if base != "gaussian" and config.data.name not in data_utils.TOY_SETS:
+        raise ValueError(
+            f"process.base={base} needs 2-D data; data.name={config.data.name} is "
+            f"not one of {sorted(data_utils.TOY_SETS)}"
+        )
+    if (base != "gaussian" or stochastic) and (p.model_output, p.target) != ("velocity",) * 2:
+        raise ValueError(
+            f"{where} trains velocity only: set prediction.model_output=velocity and "
+            f"prediction.target=velocity"
+        )
+    if base != "gaussian" and not stochastic and sampling.needs_score(s.solver):
+        raise ValueError(
+            f"sample.solver={s.solver} needs a score, which process.base={base} "
+            f"without a gamma lacks: set process.gamma=sqrt (or use an ODE solver)"
+        )
+    no_x0 = base != "gaussian" or stochastic
+    if no_x0 and (s.denoise_final or s.clip_x0 != "none"):
+        raise ValueError(
+            f"sample.denoise_final / sample.clip_x0 need an x0 estimate, which "
+            f"{where} lacks: set sample.denoise_final=False, sample.clip_x0=none"
+        )
+    if no_x0 and config.eval.nll_num and base != "gaussian":
+        raise ValueError(
+            f"eval.nll_num > 0 needs a Gaussian base density: set eval.nll_num=0 "
+            f"for process.base={base}"
+        )
 
 
 def resolve_time_ranges(config, process):
     """Fill unset t_min / t_max: [0, 1] trimmed by 1e-3 at an end where the training pairing
-    (or the sampler's field) is singular; then check the whole range. One-line ValueError."""
+    (or the sampler's field, grid or diffusion) is singular; then check the whole range."""
     p, s = config.prediction, config.sample
+    learn_z = process.stochastic
     train_dsts = (p.target,)
-    sample_dsts = (
-        ("velocity", "score", "x0") if sampling.needs_score(s.solver) else ("velocity", "x0")
-    )
+    sample_dsts = ("velocity",)
+    if not learn_z:
+        sample_dsts += ("score",) if sampling.needs_score(s.solver) else ()
+        sample_dsts += ("x0",) if s.denoise_final or s.clip_x0 != "none" else ()
 
-    def singular(dsts, extra=None):
-        def check(t):
-            bad = bool(prediction.singular_times(process, p.model_output, dsts, [t]))
-            return bad or (extra is not None and not abs(float(extra(t))) < 1e30)
+    def train_singular(t):
+        return bool(prediction.singular_times(process, p.model_output, train_dsts, [t]))
 
-        return check
+    def sample_singular(t):
+        if prediction.singular_times(process, p.model_output, sample_dsts, [t]):
+            return True
+        if sampling.grid_is_singular(s.grid, process, t):
+            return True
+        if not sampling.needs_score(s.solver):
+            return False
+        eps = sampling.diffusion_coefficient(s.diffusion, s.diffusion_scale, process, t)
+        gamma_zero = learn_z and not process.gamma(torch.tensor(float(t))) > 0
+        return not abs(float(eps)) < 1e30 or gamma_zero
 
-    def fill(section, check):
+    def fill(section, singular):
         if section.t_min is None:
-            section.t_min = 1e-3 if check(0.0) else 0.0
+            section.t_min = 1e-3 if singular(0.0) else 0.0
         if section.t_max is None:
-            section.t_max = 1.0 - 1e-3 if check(1.0) else 1.0
+            section.t_max = 1.0 - 1e-3 if singular(1.0) else 1.0
 
-    eps = None
-    if sampling.needs_score(s.solver):
-        eps = lambda t: sampling.diffusion_coefficient(s.diffusion, s.diffusion_scale, process, t)
     with config.unlocked():
-        fill(config.time_sampler, singular(train_dsts))
-        fill(s, singular(sample_dsts, eps))
+        fill(config.time_sampler, train_singular)
+        fill(s, sample_singular)
     ts = config.time_sampler
     bad = prediction.singular_times(process, p.model_output, train_dsts, [ts.t_min, ts.t_max])
     if bad:
@@ -135,16 +189,28 @@ def resolve_time_ranges(config, process):
             f"inside (0, 1)"
         )
     message = sampling.check_sampling_range(
-        process, p.model_output, s.solver, s.t_min, s.t_max, s.diffusion, s.diffusion_scale, s.steps
+        process,
+        p.model_output,
+        s.solver,
+        s.t_min,
+        s.t_max,
+        s.diffusion,
+        s.diffusion_scale,
+        s.steps,
+        s.grid,
+        learn_z,
     )
     if message:
         raise ValueError(message)
 
 
 def check_config(config, world_size):
-    """All validation that needs no data: choices, values, time ranges. Returns the process."""
+    """All validation that needs no data: choices, values, combinations, time ranges. Returns
+    the process."""
     config_lib.validate(config, registry_choices(), world_size)
-    process = build_process(config.process.name)
+    check_combinations(config)
+    pc = config.process
+    process = build_process(pc.name, gamma=pc.gamma, gamma_scale=pc.gamma_scale)
     resolve_time_ranges(config, process)
     return process
 
@@ -256,45 +322,54 @@ def load_checkpoint(path):
 
 
 def checkpoint_config(state, overrides):
-    """The checkpoint's config with the command line's --config.sample.* overrides applied."""
+    """The checkpoint's config with the command line's --config.sample.* / eval.* overrides.
+
+    The sampling time range is re-resolved for the sampler now asked for, unless given."""
     config = ConfigDict(state["config"])
     for key, value in overrides.items():
-        if not key.startswith(("sample.", "logging.")):
+        if not key.startswith(("sample.", "eval.", "logging.")):
             raise ValueError(
-                f"--config.{key}: only --config.sample.* overrides apply when "
-                f"sampling from a checkpoint"
+                f"--config.{key}: only --config.sample.* and --config.eval.* overrides apply "
+                f"to a checkpoint"
             )
         section, field = key.split(".", 1)
         config[section][field] = value
+    for key in ("t_min", "t_max"):
+        if f"sample.{key}" not in overrides:
+            config.sample[key] = None
     return config
 
 
-def sample(config, config_overrides, dist_info):
+def load_for_sampling(config_overrides, dist_info):
+    """(config, process, EMA-or-raw net, data_info, num_classes, state, path) of --ckpt."""
     state, path = load_checkpoint(FLAGS.ckpt)
-    del config  # the checkpoint's own config is used, with the command line's sample overrides
     config = checkpoint_config(state, config_overrides)
-    with config.unlocked():  # let the sampler re-resolve an unset range for a new solver
-        for key in ("t_min", "t_max"):
-            if (
-                f"sample.{key}" not in config_overrides
-                and config.sample.solver != state["config"]["sample"]["solver"]
-            ):
-                config.sample[key] = None
     process = check_config(config, dist_info.world_size)
     info = state["data_info"]
     net = build_net(config, info).to(dist_info.device)
     net.load_state_dict(state["ema"]["model"] if config.sample.use_ema else state["model"])
     num_classes = info["num_classes"] if config.model.class_conditional else 0
+    return config, process, net.eval(), info, num_classes, state, path
+
+
+def sample(config, config_overrides, dist_info):
+    """--mode=sample: samples.npz, grid.png / scatter.png and trajectory.png in --out."""
+    del config  # the checkpoint's own config is used, with the command line's sample overrides
+    config, process, net, info, num_classes, state, path = load_for_sampling(
+        config_overrides, dist_info
+    )
     s = config.sample
+    trajectory = []
     x, labels, nfe = trainer_lib.generate_distributed(
-        net.eval(),
+        net,
         process,
         config.prediction.model_output,
         tuple(info["shape"]),
         s.num,
         num_classes,
         dist_info,
-        trainer_lib.sampler_kwargs(s),
+        trainer_lib.sampler_kwargs(config),
+        trajectory=trajectory,
     )
     if not dist_info.is_main:
         return
@@ -314,11 +389,41 @@ def sample(config, config_overrides, dist_info):
     image = trainer_lib.write_samples(
         x, labels, info["kind"], os.path.join(out, picture), reference=reference
     )
+    strip = trainer_lib.write_trajectory(trajectory, info["kind"], os.path.join(out, "trajectory"))
     print(
         f"{s.num} samples from {path} (step {state['step']}, "
         f"{'EMA' if s.use_ema else 'raw'} weights) with {s.solver}, {s.steps} steps, "
-        f"NFE {nfe}: {npz}, {image}"
+        f"NFE {nfe}: {npz}, {image}, {strip}"
     )
+
+
+def evaluate(config, config_overrides, dist_info):
+    """--mode=eval: sample-quality metrics and NLL as one JSON object on the last stdout line."""
+    del config
+    config, process, net, info, num_classes, state, path = load_for_sampling(
+        config_overrides, dist_info
+    )
+    e, d = config.eval, config.data
+    nll_data = None
+    if e.nll_num:
+        if dist_info.is_main:
+            data_utils.ensure_available(d.name, d.root, d.path or None)
+        utils.barrier()
+        test_set = data_utils.build_dataset(
+            d.name,
+            d.root,
+            False,
+            image_size=d.image_size,
+            path=d.path or None,
+            num_points=max(d.num_points // 10, e.nll_num),
+            seed=config.seed,
+        )
+        nll_data = data_utils.likelihood_data(test_set, e.nll_num, e.seed)
+    metrics = trainer_lib.evaluate_model(
+        net, process, config, info, nll_data, dist_info, num_classes
+    )
+    if dist_info.is_main:
+        print(json.dumps({"checkpoint": path, "step": state["step"], **metrics}))
 
 
 def info(config, config_overrides, dist_info):
@@ -346,7 +451,7 @@ def info(config, config_overrides, dist_info):
     print(json.dumps(summary, indent=2))
 
 
-MODE_FNS = {"train": train, "sample": sample, "info": info}
+MODE_FNS = {"train": train, "sample": sample, "eval": evaluate, "info": info}
 
 
 # ---------------------------------------------------------------------------------------------

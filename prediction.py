@@ -25,18 +25,22 @@ PREDICTION_TYPES = ("velocity", "eps", "x0", "score", "v")
 
 
 class Coefs(NamedTuple):
-    """alpha, sigma and their time derivatives, each broadcastable against x_t."""
+    """alpha, sigma, their time derivatives, and the latent-noise gamma, gamma_dot of a
+    stochastic interpolant (zero otherwise), each broadcastable against x_t."""
 
     alpha: torch.Tensor
     sigma: torch.Tensor
     alpha_dot: torch.Tensor
     sigma_dot: torch.Tensor
+    gamma: torch.Tensor
+    gamma_dot: torch.Tensor
 
 
 def coefs_at(process, t, x):
     """The process's coefficients at times t (B,) (or a scalar), shaped to broadcast against x."""
     t = torch.as_tensor(t, dtype=x.dtype, device=x.device)
-    return Coefs(*(bcast(c, x) for c in process.coefficients(t)))
+    values = (*process.coefficients(t), process.gamma(t), process.gamma_dot(t))
+    return Coefs(*(bcast(c, x) for c in values))
 
 
 # (x0_hat, eps_hat) from each prediction type. Each solves the 2x2 system
@@ -94,10 +98,14 @@ def convert(out, src, dst, x_t, c):
     return FROM_X0_EPS[dst](x0_hat, eps_hat, c)
 
 
-def regression_pair(out, x0, x1, x_t, c, model_output, target):
+def regression_pair(out, x0, x1, x_t, c, model_output, target, z=None):
     """(prediction, target) for the training loss: the model output converted to the target type,
-    and the target computed from the true (x0, x1)."""
-    return convert(out, model_output, target, x_t, c), FROM_X0_EPS[target](x0, x1, c)
+    and the target computed from the true (x0, x1). For a stochastic interpolant (or another
+    base) only velocity -> velocity is valid and the target gains gamma_dot z."""
+    target_value = FROM_X0_EPS[target](x0, x1, c)
+    if z is not None:
+        target_value = target_value + c.gamma_dot * z
+    return convert(out, model_output, target, x_t, c), target_value
 
 
 def velocity_and_score(out, kind, x_t, c):

@@ -1,10 +1,12 @@
-"""Interpolants: x_t = alpha(t) * x0 + sigma(t) * x1, with t in [0, 1].
+"""Interpolants: x_t = alpha(t) * x0 + sigma(t) * x1 + gamma(t) * z, with t in [0, 1].
 
-Conventions (see DESIGN.md): x0 is data, x1 is the base sample (standard Gaussian), t = 0 is data
-and t = 1 is base. Every process gives alpha, sigma and their time derivatives alpha_dot, sigma_dot,
-vectorised over a tensor t of any shape (the result has the shape of t).
+Conventions (see DESIGN.md): x0 is data, x1 is the base sample (standard Gaussian unless the
+config names another base), z ~ N(0, I) is the latent of a stochastic interpolant, t = 0 is data
+and t = 1 is base. Every process gives alpha, sigma and their time derivatives alpha_dot,
+sigma_dot, vectorised over a tensor t of any shape (the result has the shape of t); gamma and
+gamma_dot come from a GAMMAS entry (zero by default).
 
-Adding a process is one class and one entry in PROCESSES.
+Adding a process is one class and one entry in PROCESSES; a gamma, one entry in GAMMAS.
 """
 
 import math
@@ -13,9 +15,31 @@ import torch
 
 
 class Process:
-    """Base class. Subclasses define alpha, sigma, alpha_dot and sigma_dot."""
+    """Base class. Subclasses define alpha, sigma, alpha_dot and sigma_dot.
+
+    `gamma` is the latent-noise schedule of a stochastic interpolant (a GAMMAS entry; NoGamma
+    gives the deterministic interpolant x_t = alpha x0 + sigma x1).
+    """
 
     name = "base"
+    gamma_schedule = None  # set by build_process; None means gamma = 0
+
+    @property
+    def stochastic(self):
+        """True when gamma(t) z is part of x_t."""
+        return self.gamma_schedule is not None
+
+    def gamma(self, t):
+        return torch.zeros_like(t) if self.gamma_schedule is None else self.gamma_schedule(t)
+
+    def gamma_dot(self, t):
+        if self.gamma_schedule is None:
+            return torch.zeros_like(t)
+        return self.gamma_schedule.derivative(t)
+
+    def input_scale(self, t):
+        """Factor applied to x_t before the network (1 here; VE shrinks its large inputs)."""
+        return torch.ones_like(t)
 
     def alpha(self, t):
         raise NotImplementedError
@@ -33,13 +57,19 @@ class Process:
         """(alpha, sigma, alpha_dot, sigma_dot) at t, each shaped like t."""
         return self.alpha(t), self.sigma(t), self.alpha_dot(t), self.sigma_dot(t)
 
-    def interpolate(self, x0, x1, t):
-        """x_t = alpha(t) x0 + sigma(t) x1 for t of shape (B,) and x0, x1 of shape (B, ...)."""
-        return bcast(self.alpha(t), x0) * x0 + bcast(self.sigma(t), x1) * x1
+    def interpolate(self, x0, x1, t, z=None):
+        """x_t = alpha(t) x0 + sigma(t) x1 (+ gamma(t) z) for t (B,) and x0, x1, z (B, ...)."""
+        x_t = bcast(self.alpha(t), x0) * x0 + bcast(self.sigma(t), x1) * x1
+        if z is not None and self.stochastic:
+            x_t = x_t + bcast(self.gamma(t), z) * z
+        return x_t
 
-    def velocity_target(self, x0, x1, t):
-        """d/dt x_t = alpha_dot(t) x0 + sigma_dot(t) x1."""
-        return bcast(self.alpha_dot(t), x0) * x0 + bcast(self.sigma_dot(t), x1) * x1
+    def velocity_target(self, x0, x1, t, z=None):
+        """d/dt x_t = alpha_dot(t) x0 + sigma_dot(t) x1 (+ gamma_dot(t) z)."""
+        target = bcast(self.alpha_dot(t), x0) * x0 + bcast(self.sigma_dot(t), x1) * x1
+        if z is not None and self.stochastic:
+            target = target + bcast(self.gamma_dot(t), z) * z
+        return target
 
     def native_diffusion(self, t):
         """The diffusion coefficient eps(t) of the process's own forward SDE.
@@ -171,11 +201,81 @@ class VPCosine(VPProcess):
         return -0.5 * math.pi / (1 + self.s) * torch.sin(self._angle(t)) / self.norm
 
 
-PROCESSES = {cls.name: cls for cls in (Linear, Trig, VPLinear, VPCosine)}
+class VE(Process):
+    """Variance exploding (EDM-style): alpha = 1, sigma = sigma_max * t.
+
+    alpha_dot = 0, sigma_dot = sigma_max. With t = sigma / sigma_max this is EDM's parameterisation
+    (Karras et al. 2022): the probability-flow ODE dx/dsigma = eps_hat, and the `edm` time grid
+    gives EDM's rho-spaced noise levels. The base at t = 1 is N(0, sigma_max^2 I), so samplers
+    start from sigma(t_max) * x1. The network sees x_t / sqrt(sigma_data^2 + sigma^2) (EDM's
+    c_in). The native SDE has eps(t) = sigma sigma' = sigma_max^2 t. Train with eps or x0 outputs
+    (velocity = sigma_max * eps_hat has a large scale).
+    """
+
+    name = "ve"
+
+    def __init__(self, sigma_max=80.0, sigma_data=0.5):
+        self.sigma_max, self.sigma_data = sigma_max, sigma_data
+
+    def alpha(self, t):
+        return torch.ones_like(t)
+
+    def sigma(self, t):
+        return self.sigma_max * t
+
+    def alpha_dot(self, t):
+        return torch.zeros_like(t)
+
+    def sigma_dot(self, t):
+        return torch.full_like(t, self.sigma_max)
+
+    def input_scale(self, t):
+        return 1 / torch.sqrt(self.sigma_data**2 + self.sigma(t) ** 2)
 
 
-def build_process(name, **kwargs):
-    """Instantiate a registered process by name."""
+PROCESSES = {cls.name: cls for cls in (Linear, Trig, VPLinear, VPCosine, VE)}
+
+
+# ---------------------------------------------------------------------------------------------
+# gamma(t) of a stochastic interpolant: zero at both ends, so x_0 = x0 and x_1 = x1.
+# ---------------------------------------------------------------------------------------------
+class SqrtGamma:
+    """gamma = sqrt(a t (1 - t)), gamma_dot = a (1 - 2t) / (2 gamma): infinite slope at t = 0, 1
+    (Albergo et al. 2023); the time range keeps training and sampling inside (0, 1)."""
+
+    def __init__(self, scale=1.0):
+        self.scale = scale
+
+    def __call__(self, t):
+        return torch.sqrt((self.scale * t * (1 - t)).clamp_min(0))
+
+    def derivative(self, t):
+        return self.scale * (1 - 2 * t) / (2 * self(t))
+
+
+class QuadraticGamma:
+    """gamma = a t (1 - t), gamma_dot = a (1 - 2t): smooth at the ends."""
+
+    def __init__(self, scale=1.0):
+        self.scale = scale
+
+    def __call__(self, t):
+        return self.scale * t * (1 - t)
+
+    def derivative(self, t):
+        return self.scale * (1 - 2 * t)
+
+
+GAMMAS = {"none": None, "sqrt": SqrtGamma, "quadratic": QuadraticGamma}
+
+
+def build_process(name, gamma="none", gamma_scale=1.0, **kwargs):
+    """Instantiate a registered process, with the latent-noise schedule `gamma` (GAMMAS)."""
     if name not in PROCESSES:
         raise ValueError(f"process.name={name!r} is unknown; valid choices: {sorted(PROCESSES)}")
-    return PROCESSES[name](**kwargs)
+    if gamma not in GAMMAS:
+        raise ValueError(f"process.gamma={gamma!r} is unknown; valid choices: {sorted(GAMMAS)}")
+    process = PROCESSES[name](**kwargs)
+    if GAMMAS[gamma] is not None:
+        process.gamma_schedule = GAMMAS[gamma](gamma_scale)
+    return process

@@ -19,16 +19,20 @@ import os
 import re
 import time
 
+import numpy as np
 import torch
+from scipy.optimize import linear_sum_assignment
 from torch.nn.parallel import DistributedDataParallel
 
 import data_utils
+import evaluation
 import logging_utils
 import prediction
 import sampling
 import utils
 from ema import EMA
 from optimizers import build_optimizer, build_scheduler, clip_gradients
+from processes import bcast
 
 CKPT_PATTERN = re.compile(r"ckpt_(\d+)\.pt$")
 
@@ -44,15 +48,21 @@ def find_latest_checkpoint(run_dir):
 
 
 class DiffusionTrainer:
-    def __init__(self, config, net, process, time_sampler, dataset, dist_info, run_dir):
+    def __init__(
+        self, config, net, process, time_sampler, dataset, dist_info, run_dir, eval_dataset=None
+    ):
         self.config, self.process, self.time_sampler = config, process, time_sampler
         self.dataset, self.dist, self.run_dir = dataset, dist_info, run_dir
+        self.eval_dataset = eval_dataset or dataset  # likelihoods of train.eval_every
         self.device = dist_info.device
         c = config.train
         self.steps, self.grad_accum = c.steps, c.grad_accum
         self.micro_batch = c.batch_size // (dist_info.world_size * c.grad_accum)
         self.model_output, self.target = config.prediction.model_output, config.prediction.target
         self.num_classes = dataset.num_classes if config.model.class_conditional else 0
+        self.learn_z = process.stochastic  # the net also outputs the z-denoiser eta_z
+        self.base_sampler = base_sampler(config.process.base)
+        self.ot_pairing = config.train.ot_pairing
         self.class_dropout = config.model.class_dropout if self.num_classes else 0.0
 
         self.net = net.to(self.device)  # the raw module: its weights are what we save
@@ -86,41 +96,60 @@ class DiffusionTrainer:
     # One step.
     # -----------------------------------------------------------------------------------------
     def draw_step_noise(self):
-        """t, x1 and the label-dropout mask of the whole global batch of this step, from a
-        generator seeded by (seed, step), reshaped to (accum, micro, world, ...)."""
+        """t, x1, z (None unless stochastic) and the label-dropout mask of the whole global batch
+        of this step, from generators seeded by (seed, step), shaped (accum, micro, world, ...)."""
         generator = utils.step_generator(self.config.seed, self.step, self.device)
-        n = self.config.train.batch_size
+        n, shape = self.config.train.batch_size, self.dataset.shape
         t = self.time_sampler(n, generator=generator, device=self.device)
-        x1 = torch.randn((n, *self.dataset.shape), generator=generator, device=self.device)
+        if self.base_sampler is None:
+            x1 = torch.randn((n, *shape), generator=generator, device=self.device)
+        else:  # toy-set base, drawn on the CPU
+            cpu_generator = torch.Generator().manual_seed(
+                utils.mix_seed(self.config.seed, self.step, 1)
+            )
+            x1 = self.base_sampler(n, cpu_generator).to(self.device)
         drop = torch.rand(n, generator=generator, device=self.device) < self.class_dropout
+        z = None
+        if self.process.stochastic:
+            z = torch.randn((n, *shape), generator=generator, device=self.device)
         split = (self.grad_accum, self.micro_batch, self.dist.world_size)
-        return [v.reshape(*split, *v.shape[1:]) for v in (t, x1, drop)]
+        return [None if v is None else v.reshape(*split, *v.shape[1:]) for v in (t, x1, z, drop)]
 
-    def loss(self, x0, y, t, x1, drop):
-        """MSE between the model output (converted to the target type) and the target."""
-        x_t = self.process.interpolate(x0, x1, t)
+    def loss(self, x0, y, t, x1, z, drop):
+        """MSE between the model output (converted to the target type) and the target, plus the
+        MSE of the z-denoiser eta_z against z for a stochastic interpolant."""
+        if self.ot_pairing:
+            x1 = x1[minibatch_ot_permutation(x0, x1)]
+        x_t = self.process.interpolate(x0, x1, t, z)
         if self.num_classes:
             y = torch.where(drop, torch.full_like(y, self.num_classes), y)
         else:
             y = None
+        x_in = x_t * bcast(self.process.input_scale(t), x_t)
         with self.autocast():
-            out = self.model(x_t, t, y).float()
+            out = self.model(x_in, t, y).float()
         c = prediction.coefs_at(self.process, t, x_t)
+        if self.learn_z:
+            out, eta_z = out.chunk(2, dim=1)
         pred, target = prediction.regression_pair(
-            out, x0, x1, x_t, c, self.model_output, self.target
+            out, x0, x1, x_t, c, self.model_output, self.target, z
         )
-        return (pred - target).pow(2).mean()
+        loss = (pred - target).pow(2).mean()
+        if self.learn_z:
+            loss = loss + (eta_z - z).pow(2).mean()
+        return loss
 
     def train_step(self):
         """One optimizer step over `grad_accum` micro-batches; returns (loss, grad_norm) as
         0-dim device tensors (no host sync)."""
         self.model.train()
-        t_all, x1_all, drop_all = self.draw_step_noise()
+        t_all, x1_all, z_all, drop_all = self.draw_step_noise()
         rank = self.dist.rank
         loss_sum = torch.zeros((), device=self.device)
         for micro in range(self.grad_accum):
             x0, y = next(self.loader)
             t, x1, drop = t_all[micro, :, rank], x1_all[micro, :, rank], drop_all[micro, :, rank]
+            z = None if z_all is None else z_all[micro, :, rank]
             last = micro == self.grad_accum - 1
             sync = (
                 contextlib.nullcontext()
@@ -128,7 +157,7 @@ class DiffusionTrainer:
                 else self.model.no_sync()
             )
             with sync:
-                loss = self.loss(x0, y, t, x1, drop) / self.grad_accum
+                loss = self.loss(x0, y, t, x1, z, drop) / self.grad_accum
                 loss.backward()
             loss_sum += loss.detach()
         grad_norm = clip_gradients(self.net, self.config.train.grad_clip)
@@ -183,6 +212,9 @@ class DiffusionTrainer:
                 path = self.save_samples()
                 if path:
                     logger.log_image(self.step, "samples", path)
+            if c.eval_every and self.step % c.eval_every == 0:
+                metrics = self.evaluate()
+                logger.log(self.step, {f"eval/{k}": v for k, v in metrics.items()})
             if self.step % c.save_every == 0 or self.step == self.steps:
                 self.save()
         bar.close()
@@ -203,7 +235,23 @@ class DiffusionTrainer:
             num,
             self.num_classes,
             self.dist,
-            sampler_kwargs(self.config.sample, **overrides),
+            sampler_kwargs(self.config, **overrides),
+        )
+
+    def evaluate(self):
+        """evaluate_model with the EMA weights on the eval dataset (see evaluate_model)."""
+        e = self.config.eval
+        nll = (
+            data_utils.likelihood_data(self.eval_dataset, e.nll_num, e.seed) if e.nll_num else None
+        )
+        return evaluate_model(
+            self.ema.model.eval(),
+            self.process,
+            self.config,
+            data_info_of(self.dataset),
+            nll,
+            self.dist,
+            self.num_classes,
         )
 
     def save_samples(self):
@@ -279,9 +327,9 @@ class DiffusionTrainer:
 # ---------------------------------------------------------------------------------------------
 # Helpers shared with main.py's sample mode.
 # ---------------------------------------------------------------------------------------------
-def sampler_kwargs(sample_config, **overrides):
-    """Keyword arguments of sampling.generate from the `sample` section of a config."""
-    s = sample_config
+def sampler_kwargs(config, **overrides):
+    """Keyword arguments of sampling.generate from a config's `sample` and `process` sections."""
+    s = config.sample
     kwargs = dict(
         seed=s.seed,
         batch_size=s.batch_size,
@@ -294,14 +342,24 @@ def sampler_kwargs(sample_config, **overrides):
         diffusion_scale=s.diffusion_scale,
         denoise_final=s.denoise_final,
         guidance_scale=s.guidance_scale,
+        guidance_interval=tuple(s.guidance_interval),
+        clip_x0=s.clip_x0,
+        clip_percentile=s.clip_percentile,
+        rtol=s.rtol,
+        atol=s.atol,
+        learn_z=config.process.gamma != "none",
+        base_sampler=base_sampler(config.process.base),
     )
     kwargs.update(overrides)
     return kwargs
 
 
-def generate_distributed(net, process, model_output, shape, num, num_classes, dist_info, kwargs):
+def generate_distributed(
+    net, process, model_output, shape, num, num_classes, dist_info, kwargs, trajectory=None
+):
     """Rank r makes samples r, r + W, r + 2W, ... (per-sample seeds make the result independent
-    of W); all ranks receive the full set in index order. Class of sample i: i % num_classes."""
+    of W); all ranks receive the full set in index order. Class of sample i: i % num_classes.
+    `trajectory`, if a list, receives this rank's first batch's (t, x) states."""
     indices = list(range(dist_info.rank, num, dist_info.world_size))
     labels = torch.tensor(indices, dtype=torch.long) % num_classes if num_classes else None
     x, nfe = sampling.generate(
@@ -313,6 +371,7 @@ def generate_distributed(net, process, model_output, shape, num, num_classes, di
         labels=labels,
         num_classes=num_classes,
         device=dist_info.device,
+        trajectory=trajectory,
         **kwargs,
     )
     parts = utils.all_gather_objects((indices, x.cpu()))
@@ -322,9 +381,119 @@ def generate_distributed(net, process, model_output, shape, num, num_classes, di
     return x, all_labels, nfe
 
 
+def evaluate_model(net, process, config, data_info, nll_data, dist_info, num_classes):
+    """Sample quality of `sample.num` samples and the NLL of `nll_data`, both spread over ranks.
+
+    Images: Frechet distance of `eval.feature_extractor` features (computed per rank, gathered,
+    float64 statistics against cached reference statistics of the training set). 2-D: sliced
+    Wasserstein distance and MMD against fresh data. NLL: `nll_data` = (x, y) in model space
+    (images dequantised), through the probability-flow ODE; nats per dimension with its
+    standard error, and bits per dimension for images. Returns the metrics dict on every rank.
+    """
+    e, kind = config.eval, data_info["kind"]
+    shape, model_output = tuple(data_info["shape"]), config.prediction.model_output
+    kwargs = sampler_kwargs(config)
+    x, _, nfe = generate_distributed(
+        net, process, model_output, shape, config.sample.num, num_classes, dist_info, kwargs
+    )
+    metrics = {"sample_nfe": nfe, "num_samples": config.sample.num}
+    if kind == "image":
+        d = config.data
+        extractor = evaluation.build_feature_extractor(
+            e.feature_extractor, d.name, d.root, dist_info.device
+        )
+        mine = x[dist_info.rank :: dist_info.world_size].to(dist_info.device)
+        features = torch.cat(utils.all_gather_objects(evaluation.compute_features(extractor, mine)))
+        if dist_info.is_main:
+            mu, sigma = evaluation.feature_statistics(features.numpy())
+            ref_mu, ref_sigma = evaluation.reference_statistics(
+                d.name, e.feature_extractor, extractor, d.root, d.image_size, d.path or None
+            )
+            metrics[f"fd_{e.feature_extractor}"] = evaluation.frechet_distance(
+                mu, sigma, ref_mu, ref_sigma
+            )
+    elif dist_info.is_main:
+        metrics.update(evaluation.points_metrics(x, config.data.name, seed=e.seed))
+    if nll_data is not None:
+        metrics.update(nll_metrics(net, process, config, nll_data, dist_info, num_classes, kind))
+    return utils.all_gather_objects(metrics)[0]
+
+
+def nll_metrics(net, process, config, nll_data, dist_info, num_classes, kind):
+    """Negative log-likelihood (nats per dimension, its standard error, bits per dimension for
+    images) of nll_data = (x, y), the points split over ranks and gathered."""
+    e, s = config.eval, config.sample
+    x, y = nll_data
+    mine = slice(dist_info.rank, None, dist_info.world_size)
+    x, y = x[mine].to(dist_info.device), y[mine].to(dist_info.device)
+    dims = x[0].numel()
+    divergence = (
+        e.divergence if e.divergence != "auto" else ("exact" if dims <= 64 else "hutchinson")
+    )
+    log_p, nfe = sampling.log_likelihood(
+        net,
+        process,
+        config.prediction.model_output,
+        x,
+        solver=e.nll_solver,
+        steps=e.nll_steps,
+        t_min=s.t_min,
+        t_max=s.t_max,
+        divergence=divergence,
+        num_probes=e.num_probes,
+        seed=e.seed + dist_info.rank,
+        y=y if num_classes else None,
+        rtol=s.rtol,
+        atol=s.atol,
+        learn_z=process.stochastic,
+    )
+    nll = torch.cat(utils.all_gather_objects((-log_p / dims).double().cpu()))
+    metrics = {
+        "nll_nats_per_dim": nll.mean().item(),
+        "nll_stderr": (nll.std() / len(nll) ** 0.5).item() if len(nll) > 1 else 0.0,
+        "nll_num": len(nll),
+        "nll_nfe": nfe,
+        "nll_divergence": divergence,
+    }
+    if kind == "image":
+        metrics["bits_per_dim"] = sampling.bits_per_dim(-nll.mean().item() * dims, dims)
+    return metrics
+
+
+def base_sampler(name):
+    """None for the standard Gaussian base, else `fn(n, generator)` drawing a 2-D toy set."""
+    return None if name == "gaussian" else data_utils.TOY_SETS[name]
+
+
+def minibatch_ot_permutation(x0, x1):
+    """Permutation of x1 that minimises sum_i |x0_i - x1_perm(i)|^2 within the batch (exact, with
+    scipy's linear_sum_assignment): the minibatch optimal-transport coupling of OT-CFM
+    (Tong et al. 2023; Pooladian et al. 2023)."""
+    cost = torch.cdist(x0.reshape(len(x0), -1).double(), x1.reshape(len(x1), -1).double()) ** 2
+    rows, cols = linear_sum_assignment(cost.cpu().numpy())
+    return torch.as_tensor(cols[rows.argsort()], device=x1.device)
+
+
 def data_info_of(dataset):
     """What sampling needs to know about the data, saved in every checkpoint."""
     return {"shape": list(dataset.shape), "num_classes": dataset.num_classes, "kind": dataset.kind}
+
+
+def write_trajectory(trajectory, kind, stem, frames=8, rows=8):
+    """Write `<stem>.png` showing the states from noise (left) to data (right) of `trajectory`,
+    a list of (t, x) from sampling.generate: for images one strip per sample (the first `rows`),
+    for 2-D data a row of scatter snapshots. Returns the path."""
+    picks = sorted({round(i * (len(trajectory) - 1) / (frames - 1)) for i in range(frames)})
+    chosen = [trajectory[i] for i in picks]
+    if kind == "points":
+        snapshots = [(t, data_utils.to_data_space(x, kind)) for t, x in chosen]
+        return logging_utils.save_scatter_snapshots(snapshots, stem + ".png")
+    states = [data_utils.to_data_space(x[:rows], kind) for _, x in chosen]  # (frames, N, H, W, C)
+    strips = np.stack(states, axis=1).reshape(-1, *states[0].shape[1:])  # sample-major
+    upscale = max(1, 64 // strips.shape[1])
+    return logging_utils.save_image_grid(
+        strips, stem + ".png", nrow=len(chosen), upscale=upscale, padding=max(1, upscale // 2)
+    )
 
 
 def write_samples(x, labels, kind, stem, reference=None):

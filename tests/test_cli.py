@@ -132,7 +132,10 @@ def test_sample_and_info_modes(tmp_path):
     bad = run_main("--mode=sample", f"--ckpt={tmp_path / 'missing'}")
     assert bad.returncode != 0 and "no such file" in last_line(bad.stderr)
     bad = run_main("--mode=sample", f"--ckpt={trainer.run_dir}", "--config.train.lr=1.0")
-    assert bad.returncode != 0 and "only --config.sample.* overrides apply" in last_line(bad.stderr)
+    assert (
+        bad.returncode != 0
+        and "only --config.sample.* and --config.eval.* overrides apply" in last_line(bad.stderr)
+    )
 
 
 def test_points_sample_mode_writes_scatter(tmp_path):

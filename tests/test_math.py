@@ -31,7 +31,7 @@ def test_derivatives_match_autograd(name):
         (process.alpha, process.alpha_dot),
         (process.sigma, process.sigma_dot),
     ):
-        (grad,) = torch.autograd.grad(value(t).sum(), t)
+        (grad,) = torch.autograd.grad((value(t) + 0 * t).sum(), t)  # + 0 t: constant alpha (ve)
         torch.testing.assert_close(derivative(t.detach()), grad, rtol=1e-9, atol=1e-9)
 
 
@@ -41,8 +41,9 @@ def test_endpoints_and_shapes(name):
     t = torch.tensor([0.0, 1.0])
     alpha, sigma = process.alpha(t), process.sigma(t)
     assert alpha[0].item() == pytest.approx(1.0) and sigma[0].item() == pytest.approx(0.0)
-    assert sigma[1].item() == pytest.approx(1.0, abs=1e-3)
-    assert alpha[1].item() == pytest.approx(0.0, abs=1e-2)  # vp_linear: exp(-10.05 / 2)
+    assert sigma[1].item() == pytest.approx(80.0 if name == "ve" else 1.0, abs=1e-3)
+    expected_alpha = 1.0 if name == "ve" else 0.0  # vp_linear: exp(-10.05 / 2) ~ 0.007
+    assert alpha[1].item() == pytest.approx(expected_alpha, abs=1e-2)
     grid = torch.rand(3, 5)
     for c in process.coefficients(grid):
         assert c.shape == grid.shape
@@ -119,7 +120,7 @@ def test_oracle_output_gives_zero_loss_for_every_pairing(name):
         assert (pred - tgt).pow(2).mean().item() < 1e-20, (model_output, target)
         wrong = oracle + 0.1
         pred, tgt = prediction.regression_pair(wrong, x0, x1, x_t, c, model_output, target)
-        assert (pred - tgt).pow(2).mean().item() > 1e-6, (model_output, target)
+        assert (pred - tgt).abs().max().item() > 1e-5, (model_output, target)
 
 
 def test_velocity_and_score_closed_form():
