@@ -10,9 +10,10 @@ import torch
 
 import prediction
 import sampling
-from processes import build_process
+from processes import bcast, build_process
 
-MEAN, STD = torch.tensor([1.5, -0.5]), torch.tensor([0.5, 2.0])
+MEAN = torch.tensor([1.5, -0.5], dtype=torch.float64)
+STD = torch.tensor([0.5, 2.0], dtype=torch.float64)
 
 
 @pytest.fixture(autouse=True)
@@ -31,6 +32,7 @@ class GaussianOracle(torch.nn.Module):
         self.process, self.kind, self.mean, self.std = process, kind, mean, std
 
     def forward(self, x, t, y=None):
+        x = x / bcast(self.process.input_scale(t), x)  # samplers feed x_t * input_scale(t)
         c = prediction.coefs_at(self.process, t, x)
         var = c.alpha**2 * self.std**2 + c.sigma**2
         eps_hat = c.sigma * (x - c.alpha * self.mean) / var
@@ -38,32 +40,42 @@ class GaussianOracle(torch.nn.Module):
         return prediction.FROM_X0_EPS[self.kind](x0_hat, eps_hat, c)
 
 
-def terminal_error(process, kind, solver, steps, t_max=1.0, t_min=0.0):
+def terminal_error(process, kind, solver, steps, t_max=1.0, t_min=0.0, grid="uniform"):
     x1 = torch.randn(256, 2, generator=torch.Generator().manual_seed(0))
     net = GaussianOracle(process, kind)
     x, nfe = sampling.sample(
-        net, process, kind, x1, solver=solver, steps=steps, t_max=t_max, t_min=t_min
+        net, process, kind, x1, solver=solver, steps=steps, t_max=t_max, t_min=t_min, grid=grid
     )
-    # exact flow from t_max: invert the affine marginal map at t_max, then map to data
+    # exact flow from the start sigma(t_max) x1: invert the affine marginal map at t_max, then
+    # map to data
     c = prediction.coefs_at(process, torch.tensor(t_max), x1)
-    z = (x1 - c.alpha * MEAN) / torch.sqrt(c.alpha**2 * STD**2 + c.sigma**2)
+    start = sampling.initial_state(process, x1, t_max)
+    z = (start - c.alpha * MEAN) / torch.sqrt(c.alpha**2 * STD**2 + c.sigma**2)
     c0 = prediction.coefs_at(process, torch.tensor(t_min), x1)
     exact = c0.alpha * MEAN + torch.sqrt(c0.alpha**2 * STD**2 + c0.sigma**2) * z
     return (x - exact).abs().max().item(), nfe
 
 
 @pytest.mark.parametrize(
-    "name,kind,t_max,t_min",
-    [("linear", "velocity", 1.0, 0.0), ("trig", "eps", 0.999, 0.0), ("vp_cosine", "v", 1.0, 0.01)],
+    "name,kind,t_max,t_min,grid",
+    [
+        ("linear", "velocity", 1.0, 0.0, "uniform"),
+        ("trig", "eps", 0.999, 0.0, "uniform"),
+        ("vp_cosine", "v", 0.995, 0.01, "logsnr"),
+        ("ve", "eps", 1.0, 0.002 / 80, "edm"),  # EDM's sigma range [0.002, 80] and grid
+    ],
 )
-@pytest.mark.parametrize("solver,order", [("euler", 1), ("heun", 2)])
-def test_ode_convergence_order(name, kind, t_max, t_min, solver, order):
+@pytest.mark.parametrize("solver,order", [("euler", 1), ("heun", 2), ("midpoint", 2), ("rk4", 4)])
+def test_ode_convergence_order(name, kind, t_max, t_min, grid, solver, order):
+    """Halving the step divides the terminal error by 2^order (at least: midpoint happens to
+    reach third order on the linear interpolant's Gaussian field)."""
     process = build_process(name)
-    errors = [terminal_error(process, kind, solver, n, t_max, t_min)[0] for n in (40, 80, 160)]
+    steps = (40, 80, 160) if order < 4 else (10, 20, 40)  # RK4 hits float64 round-off later
+    errors = [terminal_error(process, kind, solver, n, t_max, t_min, grid)[0] for n in steps]
     rates = [torch.log2(torch.tensor(errors[i] / errors[i + 1])).item() for i in range(2)]
     assert errors[-1] < 0.1
     for rate in rates:
-        assert rate == pytest.approx(order, abs=0.25), (errors, rates)
+        assert order - 0.3 < rate < order + 1.2, (errors, rates)
 
 
 def test_nfe_counts():

@@ -1,0 +1,358 @@
+"""The interpolant toolkit against ground truth: adaptive and SDE solvers, time grids, likelihood,
+guidance interval, x0 clipping, stochastic interpolants, non-Gaussian bases, OT pairing."""
+
+import itertools
+import json
+import math
+
+import pytest
+import torch
+from helpers import run_main, tiny_config
+from test_sampling import MEAN, STD, GaussianOracle, terminal_error
+
+import main
+import prediction
+import sampling
+import utils
+from processes import GAMMAS, build_process
+from trainer import minibatch_ot_permutation
+
+
+@pytest.fixture
+def float64():
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    yield
+    torch.set_default_dtype(previous)
+
+
+@pytest.mark.usefixtures("float64")
+def test_dopri5_meets_its_tolerance_and_counts_nfe():
+    process = build_process("trig")
+    loose, nfe_loose = terminal_error(process, "eps", "dopri5", 4, 0.999, 0.0)
+    tight, nfe_tight = terminal_error(process, "eps", "dopri5", 4, 0.999, 0.0)
+    x1 = torch.randn(64, 2)
+    _, nfe_strict = sampling.sample(
+        GaussianOracle(process, "eps"),
+        process,
+        "eps",
+        x1,
+        solver="dopri5",
+        steps=4,
+        t_max=0.999,
+        rtol=1e-9,
+        atol=1e-9,
+    )
+    assert loose < 1e-3 and loose == tight
+    assert nfe_loose >= 6 and nfe_strict > nfe_loose  # tighter tolerance, more evaluations
+
+
+@pytest.mark.parametrize("solver", ["heun_sde", "euler_maruyama"])
+@pytest.mark.parametrize("diffusion", ["decreasing", "process"])
+@pytest.mark.usefixtures("float64")
+def test_sde_solvers_reproduce_mean_and_variance(solver, diffusion):
+    process = build_process("trig")
+    n = 20_000
+    gen = torch.Generator().manual_seed(1)
+    x1 = torch.randn(n, 2, generator=gen)
+    x, nfe = sampling.sample(
+        GaussianOracle(process, "eps"),
+        process,
+        "eps",
+        x1,
+        solver=solver,
+        steps=200,
+        t_max=0.999,
+        t_min=1e-3,
+        diffusion=diffusion,
+        denoise_final=True,
+        noise=lambda x: torch.randn(x.shape, generator=gen),
+    )
+    assert nfe == 200 * sampling.NFE_PER_STEP[solver] + 1
+    assert ((x.mean(0) - MEAN).abs() < 4 * STD / n**0.5 + 0.01).all(), x.mean(0)
+    assert ((x.var(0) - STD**2).abs() < 4 * STD**2 * (2 / n) ** 0.5 + 0.03 * STD**2).all()
+
+
+@pytest.mark.usefixtures("float64")
+def test_heun_sde_without_noise_is_heun():
+    """With eps = 0 the stochastic Heun step is Heun's ODE step (its drift corrector)."""
+    process = build_process("trig")
+    x1 = torch.randn(32, 2)
+    kwargs = dict(steps=7, t_max=0.999, t_min=0.01)
+    ode, _ = sampling.sample(
+        GaussianOracle(process, "eps"), process, "eps", x1, solver="heun", **kwargs
+    )
+    sde, _ = sampling.sample(
+        GaussianOracle(process, "eps"),
+        process,
+        "eps",
+        x1,
+        solver="heun_sde",
+        diffusion="constant",
+        diffusion_scale=0.0,
+        **kwargs,
+    )
+    torch.testing.assert_close(sde, ode)
+
+
+@pytest.mark.usefixtures("float64")
+def test_time_grids():
+    ve = build_process("ve")
+    grid = sampling.edm_grid(18, 1.0, 0.002 / 80, ve)
+    sigmas = 80 * grid
+    i = torch.arange(19) / 18
+    expected = (80 ** (1 / 7) + i * (0.002 ** (1 / 7) - 80 ** (1 / 7))) ** 7  # EDM eq. 5
+    torch.testing.assert_close(sigmas, expected, rtol=1e-9, atol=1e-12)
+    trig = build_process("trig")
+    grid = sampling.logsnr_grid(10, 0.99, 0.01, trig)
+    lam = trig.log_snr(grid)
+    torch.testing.assert_close(lam[1:] - lam[:-1], torch.full((10,), (lam[-1] - lam[0]) / 10))
+    assert grid[0] == 0.99 and grid[-1] == 0.01 and (grid[1:] < grid[:-1]).all()
+    assert sampling.grid_is_singular("logsnr", build_process("linear"), 1.0)
+    assert sampling.grid_is_singular("edm", build_process("linear"), 1.0)
+    assert not sampling.grid_is_singular("edm", ve, 1.0)
+
+
+def gaussian_log_density(x):
+    return (-0.5 * ((x - MEAN) / STD) ** 2 - torch.log(STD) - 0.5 * math.log(2 * math.pi)).sum(1)
+
+
+@pytest.mark.parametrize(
+    "name,kind,t_max", [("linear", "velocity", 1.0), ("vp_cosine", "eps", 1.0)]
+)
+@pytest.mark.usefixtures("float64")
+def test_likelihood_exact_divergence_matches_closed_form(name, kind, t_max):
+    process = build_process(name)
+    x0 = MEAN + STD * torch.randn(200, 2, generator=torch.Generator().manual_seed(0))
+    t_min = 0.0 if name == "linear" else 1e-4
+    log_p, nfe = sampling.log_likelihood(
+        GaussianOracle(process, kind),
+        process,
+        kind,
+        x0,
+        solver="rk4",
+        steps=64,
+        t_min=t_min,
+        t_max=t_max,
+    )
+    expected = gaussian_log_density(x0)
+    assert (log_p - expected).abs().max().item() / 2 < 0.01  # nats per dimension
+    assert nfe == 64 * 4
+
+
+class Rotated(torch.nn.Module):
+    """The field of R x for x ~ the oracle's data: f(x) = R g(R^T x), R a rotation (so the
+    Jacobian is not diagonal and Hutchinson's estimate is not exact per probe)."""
+
+    def __init__(self, inner, angle=0.6):
+        super().__init__()
+        c, s = math.cos(angle), math.sin(angle)
+        self.inner, self.rotation = inner, torch.tensor([[c, -s], [s, c]])
+
+    def forward(self, x, t, y=None):
+        return self.inner(x @ self.rotation, t) @ self.rotation.T
+
+
+@pytest.mark.usefixtures("float64")
+def test_likelihood_hutchinson_within_standard_error():
+    process = build_process("linear")
+    oracle = Rotated(GaussianOracle(process, "velocity"))
+    data = MEAN + STD * torch.randn(400, 2, generator=torch.Generator().manual_seed(1))
+    x0 = data @ oracle.rotation.T
+    expected = gaussian_log_density(data)  # rotations keep densities
+    log_p, _ = sampling.log_likelihood(
+        oracle,
+        process,
+        "velocity",
+        x0,
+        solver="rk4",
+        steps=32,
+        divergence="hutchinson",
+        num_probes=1,
+        seed=3,
+    )
+    error = log_p - expected
+    stderr = error.std() / len(error) ** 0.5
+    assert error.std() > 0.01  # a real estimator: it is noisy per sample
+    assert abs(error.mean()) < 3 * stderr
+    exact, _ = sampling.log_likelihood(oracle, process, "velocity", x0, solver="rk4", steps=32)
+    assert (exact - expected).abs().max() / 2 < 0.01
+
+
+def test_bits_per_dim_formula():
+    # a uniform density on [-1, 1)^D has log p = -D log 2: exactly 8 bits per dimension
+    assert sampling.bits_per_dim(torch.tensor(-10 * math.log(2)), 10).item() == pytest.approx(8.0)
+
+
+class LabelNet(torch.nn.Module):
+    def forward(self, x, t, y=None):
+        value = torch.where(y == 3, torch.zeros_like(y), y + 1).to(x.dtype)
+        return value.reshape(-1, 1).expand_as(x)
+
+
+@pytest.mark.usefixtures("float64")
+def test_guidance_interval():
+    field = sampling.Field(
+        LabelNet(),
+        build_process("linear"),
+        "velocity",
+        y=torch.tensor([0, 1]),
+        guidance_scale=3.0,
+        num_classes=3,
+        guidance_interval=(0.2, 0.6),
+    )
+    inside, outside = field.output(torch.zeros(2, 2), 0.4), field.output(torch.zeros(2, 2), 0.8)
+    torch.testing.assert_close(inside[:, 0], torch.tensor([3.0, 6.0]))
+    torch.testing.assert_close(outside[:, 0], torch.tensor([1.0, 2.0]))
+
+
+@pytest.mark.usefixtures("float64")
+def test_clipping():
+    x0 = torch.tensor([[0.5, -3.0, 2.0, 0.1]])
+    torch.testing.assert_close(sampling.clip_static(x0), torch.tensor([[0.5, -1.0, 1.0, 0.1]]))
+    s = torch.quantile(x0.abs(), 0.75, dim=1)
+    expected = x0.clamp(-s.item(), s.item()) / s.item()
+    torch.testing.assert_close(sampling.clip_dynamic(x0, 0.75), expected)
+    small = torch.tensor([[0.5, -0.2]])  # s = max(1, quantile) = 1: unchanged
+    torch.testing.assert_close(sampling.clip_dynamic(small, 0.9), small)
+    # the clipped field: x0 estimate inside [-1, 1] and eps recomputed from x_t
+    process = build_process("linear")
+    field = sampling.Field(
+        GaussianOracle(process, "x0", mean=torch.tensor([3.0, 3.0]), std=torch.tensor([0.1, 0.1])),
+        process,
+        "x0",
+        clip_x0="static",
+    )
+    x = torch.randn(8, 2)
+    assert field.x0(x, 0.5).abs().max() <= 1.0
+
+
+@pytest.mark.parametrize("gamma", ["sqrt", "quadratic"])
+@pytest.mark.usefixtures("float64")
+def test_gamma_derivatives_and_interpolation(gamma):
+    process = build_process("linear", gamma=gamma, gamma_scale=0.7)
+    t = torch.linspace(0.05, 0.95, 19, requires_grad=True)
+    (grad,) = torch.autograd.grad(process.gamma(t).sum(), t)
+    torch.testing.assert_close(process.gamma_dot(t.detach()), grad)
+    assert process.gamma(torch.tensor([0.0, 1.0])).abs().max() == 0
+    x0, x1, z = torch.randn(3, 4, 2).unbind(0)
+    tt = torch.full((4,), 0.3)
+    expected = 0.7 * x0 + 0.3 * x1 + process.gamma(tt)[:, None] * z
+    torch.testing.assert_close(process.interpolate(x0, x1, tt, z), expected)
+    h = 1e-6
+    numeric = (process.interpolate(x0, x1, tt + h, z) - process.interpolate(x0, x1, tt - h, z)) / (
+        2 * h
+    )
+    torch.testing.assert_close(
+        process.velocity_target(x0, x1, tt, z), numeric, rtol=1e-5, atol=1e-6
+    )
+    assert set(GAMMAS) == {"none", "sqrt", "quadratic"}
+
+
+@pytest.mark.usefixtures("float64")
+def test_learned_z_field_gives_velocity_and_score():
+    process = build_process("linear", gamma="sqrt")
+
+    class Halves(torch.nn.Module):
+        def forward(self, x, t, y=None):
+            return torch.cat([x * 2, torch.ones_like(x)], dim=1)
+
+    field = sampling.Field(Halves(), process, "velocity", learn_z=True)
+    x = torch.randn(5, 2)
+    velocity, score = field.velocity_and_score(x, 0.5)
+    torch.testing.assert_close(velocity, 2 * x)
+    torch.testing.assert_close(score, -torch.ones_like(x) / math.sqrt(0.25))
+
+
+@pytest.mark.usefixtures("float64")
+def test_ot_pairing_is_optimal():
+    gen = torch.Generator().manual_seed(0)
+    x0, x1 = torch.randn(6, 3, generator=gen), torch.randn(6, 3, generator=gen)
+    perm = minibatch_ot_permutation(x0, x1)
+    cost = lambda p: ((x0 - x1[list(p)]) ** 2).sum().item()
+    best = min(cost(p) for p in itertools.permutations(range(6)))
+    assert cost(perm.tolist()) == pytest.approx(best)
+    assert sorted(perm.tolist()) == list(range(6))
+
+
+def test_invalid_combinations_fail_with_one_line():
+    c = tiny_config(
+        "moons",
+        "/tmp/unused",
+        process__base="gaussians8",
+        prediction__model_output="eps",
+        prediction__target="eps",
+    )
+    with pytest.raises(ValueError, match="process.base=gaussians8 trains velocity only"):
+        main.check_config(c, 1)
+    c = tiny_config(
+        "moons",
+        "/tmp/unused",
+        process__base="gaussians8",
+        sample__solver="euler_maruyama",
+        sample__denoise_final=False,
+        eval__nll_num=0,
+    )
+    with pytest.raises(ValueError, match="needs a score, which process.base=gaussians8"):
+        main.check_config(c, 1)
+    c = tiny_config("digits", "/tmp/unused", process__base="moons")
+    with pytest.raises(ValueError, match="process.base=moons needs 2-D data"):
+        main.check_config(c, 1)
+    c = tiny_config("digits", "/tmp/unused", process__gamma="sqrt")
+    with pytest.raises(ValueError, match="sample.denoise_final / sample.clip_x0 need an x0"):
+        main.check_config(c, 1)
+    c = tiny_config("checkerboard", "/tmp/unused", sample__grid="edm")
+    main.check_config(c, 1)  # linear: t_max trimmed where sigma / alpha is infinite
+    assert c.sample.t_max == 1 - 1e-3
+
+
+def test_stochastic_interpolant_between_toy_sets_trains_and_samples_sde(tmp_path):
+    config = tiny_config(
+        "gaussians8_to_moons",
+        tmp_path,
+        train__steps=3,
+        sample__solver="heun_sde",
+        sample__diffusion="decreasing",
+        train__ot_pairing=True,
+    )
+    trainer = main.train(config, {}, utils.DistInfo())
+    assert trainer.learn_z and trainer.base_sampler is not None
+    assert config.time_sampler.t_min == 1e-3 and config.time_sampler.t_max == 1 - 1e-3
+    assert trainer.net.out[-1].out_features == 4  # velocity and z-denoiser
+    x, _, nfe = trainer.generate(16)
+    assert x.shape == (16, 2) and torch.isfinite(x).all() and nfe == 3 * 2
+    x_again, _, _ = trainer.generate(16)
+    torch.testing.assert_close(x, x_again)  # per-sample seeds, base included
+
+
+def test_loss_includes_z_denoiser(tmp_path):
+    """A net whose outputs are zero has loss E|target velocity|^2 + E|z|^2."""
+    config = tiny_config("gaussians8_to_moons", tmp_path)
+    trainer = main.build_trainer(config, utils.DistInfo())
+    x0, y = next(trainer.loader)
+    n = len(x0)
+    t = torch.full((n,), 0.5, dtype=torch.float32)
+    x1, z = torch.randn(n, 2, dtype=torch.float32), torch.randn(n, 2, dtype=torch.float32)
+    loss = trainer.loss(x0, y, t, x1, z, torch.zeros(n, dtype=torch.bool))
+    c = prediction.coefs_at(trainer.process, t, x0)
+    target = -x0 + x1 + c.gamma_dot * z
+    expected = target.pow(2).mean() + z.pow(2).mean()
+    torch.testing.assert_close(loss, expected)
+
+
+def test_eval_mode_points_and_images(tmp_path):
+    config = tiny_config("checkerboard", tmp_path, train__steps=2)
+    trainer = main.train(config, {}, utils.DistInfo())
+    result = run_main(
+        "--mode=eval",
+        f"--ckpt={trainer.run_dir}",
+        "--config.sample.num=256",
+        "--config.eval.nll_num=64",
+        "--config.sample.steps=4",
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    metrics = json.loads(result.stdout.strip().splitlines()[-1])
+    for key in ("sliced_wasserstein", "mmd", "nll_nats_per_dim", "nll_stderr", "sample_nfe"):
+        assert key in metrics and math.isfinite(metrics[key]), key
+    assert metrics["nll_divergence"] == "exact" and metrics["nll_num"] == 64
+    assert metrics["step"] == 2
