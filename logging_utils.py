@@ -192,6 +192,6 @@ def save_scatter_snapshots(snapshots, path, limit=None):
         ax.set_title(f"t = {t:.2f}")
     fig.tight_layout()
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    fig.savefig(path)
+    fig.savefig(path, bbox_inches="tight")
     plt.close(fig)
     return path

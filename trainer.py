@@ -223,9 +223,10 @@ class DiffusionTrainer:
     # -----------------------------------------------------------------------------------------
     # Sampling (all ranks share the work; rank 0 writes).
     # -----------------------------------------------------------------------------------------
-    def generate(self, num, use_ema=True, **overrides):
-        """`num` samples from the EMA (or raw) weights with the config's sampler settings, split
-        over ranks and gathered in index order on every rank. Returns (x, labels, nfe)."""
+    def generate(self, num, use_ema=True, trajectory=None, **overrides):
+        """`num` samples from the EMA (or raw) weights with the config's sampler settings
+        (`overrides` replace any of them), split over ranks and gathered in index order on
+        every rank. Returns (x, labels, nfe)."""
         net = self.ema.model if use_ema else self.net
         return generate_distributed(
             net.eval(),
@@ -236,6 +237,7 @@ class DiffusionTrainer:
             self.num_classes,
             self.dist,
             sampler_kwargs(self.config, **overrides),
+            trajectory=trajectory,
         )
 
     def evaluate(self):
@@ -399,9 +401,14 @@ def evaluate_model(net, process, config, data_info, nll_data, dist_info, num_cla
     metrics = {"sample_nfe": nfe, "num_samples": config.sample.num}
     if kind == "image":
         d = config.data
-        extractor = evaluation.build_feature_extractor(
-            e.feature_extractor, d.name, d.root, dist_info.device
+        build = lambda: evaluation.build_feature_extractor(
+            e.feature_extractor, d.name, d.root, dist_info.device, d.image_size, d.path or None
         )
+        if dist_info.is_main:  # trains and caches the classifier once, before others read it
+            extractor = build()
+        utils.barrier()
+        if not dist_info.is_main:
+            extractor = build()
         mine = x[dist_info.rank :: dist_info.world_size].to(dist_info.device)
         features = torch.cat(utils.all_gather_objects(evaluation.compute_features(extractor, mine)))
         if dist_info.is_main:

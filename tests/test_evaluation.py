@@ -297,7 +297,7 @@ def test_inception_without_packages_is_one_line_error(monkeypatch, tmp_path):
     message = str(err.value)
     assert "\n" not in message
     assert "torch_fidelity" in message and "cleanfid" in message
-    assert "evaluation.feature_extractor=classifier" in message
+    assert "eval.feature_extractor=classifier" in message
 
 
 def test_inception_without_weights_names_the_file(monkeypatch, tmp_path):
