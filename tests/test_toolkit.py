@@ -340,7 +340,7 @@ def test_loss_includes_z_denoiser(tmp_path):
     torch.testing.assert_close(loss, expected)
 
 
-def test_eval_mode_points_and_images(tmp_path):
+def test_eval_mode_points(tmp_path):
     config = tiny_config("checkerboard", tmp_path, train__steps=2)
     trainer = main.train(config, {}, utils.DistInfo())
     result = run_main(
@@ -356,3 +356,26 @@ def test_eval_mode_points_and_images(tmp_path):
         assert key in metrics and math.isfinite(metrics[key]), key
     assert metrics["nll_divergence"] == "exact" and metrics["nll_num"] == 64
     assert metrics["step"] == 2
+
+
+def test_eval_mode_images_reports_fd_and_bits_per_dim(tmp_path):
+    config = tiny_config("digits", tmp_path, train__steps=2, data__root=str(tmp_path / "data"))
+    trainer = main.train(config, {}, utils.DistInfo())
+    result = run_main(
+        "--mode=eval",
+        f"--ckpt={trainer.run_dir}",
+        "--config.sample.num=40",
+        "--config.sample.steps=2",
+        "--config.eval.nll_num=8",
+        "--config.eval.nll_steps=2",
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    metrics = json.loads(result.stdout.strip().splitlines()[-1])
+    assert metrics["fd_classifier"] > 0 and math.isfinite(metrics["fd_classifier"])
+    assert metrics["nll_divergence"] == "exact"  # 64 dimensions
+    # bits/dim = (nats/dim + log 128) / log 2 for dequantised 8-bit pixels
+    expected = (metrics["nll_nats_per_dim"] + math.log(128)) / math.log(2)
+    assert metrics["bits_per_dim"] == pytest.approx(expected)
+    assert (tmp_path / "data" / "classifiers").is_dir() and (
+        tmp_path / "data" / "fid_stats"
+    ).is_dir()
