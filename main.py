@@ -215,18 +215,20 @@ def check_config(config, world_size):
     return process
 
 
-def build_dataset(config, dist_info):
+def build_dataset(config, dist_info, train=True):
+    """The training split, or the test split (generated 2-D sets: enough points for the NLL)."""
     d = config.data
     if dist_info.is_main:
         data_utils.ensure_available(d.name, d.root, d.path or None)
     utils.barrier()
+    num_points = d.num_points if train else max(d.num_points // 10, config.eval.nll_num)
     return data_utils.build_dataset(
         d.name,
         d.root,
-        True,
+        train,
         image_size=d.image_size,
         path=d.path or None,
-        num_points=d.num_points,
+        num_points=num_points,
         seed=config.seed,
     )
 
@@ -247,7 +249,12 @@ def build_trainer(config, dist_info):
     utils.seed_everything(config.seed)  # identical initial weights on every rank
     net = build_net(config, trainer_lib.data_info_of(dataset))
     utils.seed_everything(config.seed + dist_info.rank)  # per-rank dropout streams
-    trainer = DiffusionTrainer(config, net, process, time_sampler, dataset, dist_info, run_dir)
+    eval_dataset = None  # the likelihoods of train.eval_every use the test split
+    if config.train.eval_every and config.eval.nll_num:
+        eval_dataset = build_dataset(config, dist_info, train=False)
+    trainer = DiffusionTrainer(
+        config, net, process, time_sampler, dataset, dist_info, run_dir, eval_dataset
+    )
     latest = find_latest_checkpoint(run_dir)
     if latest:
         trainer.load(latest)
@@ -403,21 +410,10 @@ def evaluate(config, config_overrides, dist_info):
     config, process, net, info, num_classes, state, path = load_for_sampling(
         config_overrides, dist_info
     )
-    e, d = config.eval, config.data
+    e = config.eval
     nll_data = None
     if e.nll_num:
-        if dist_info.is_main:
-            data_utils.ensure_available(d.name, d.root, d.path or None)
-        utils.barrier()
-        test_set = data_utils.build_dataset(
-            d.name,
-            d.root,
-            False,
-            image_size=d.image_size,
-            path=d.path or None,
-            num_points=max(d.num_points // 10, e.nll_num),
-            seed=config.seed,
-        )
+        test_set = build_dataset(config, dist_info, train=False)
         nll_data = data_utils.likelihood_data(test_set, e.nll_num, e.seed)
     metrics = trainer_lib.evaluate_model(
         net, process, config, info, nll_data, dist_info, num_classes

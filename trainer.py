@@ -1,16 +1,19 @@
-"""DiffusionTrainer: the training loop, checkpoints, and periodic sampling.
+"""DiffusionTrainer: the training loop, checkpoints, periodic sampling and evaluation.
 
-One optimizer step (read `train_step` top to bottom):
-  batch -> (x0, y) -> t ~ time_sampler -> x1 ~ N(0, I) -> x_t = alpha(t) x0 + sigma(t) x1
-  -> out = net(x_t, t, y) -> (pred, target) = prediction conversion -> MSE
+One optimizer step (read `train_step` and `loss` top to bottom):
+  batch -> (x0, y) -> t ~ time_sampler -> x1 ~ base (N(0, I) or a toy set), z ~ N(0, I) when
+  gamma != 0 -> (optional minibatch-OT pairing of x1 to x0)
+  -> x_t = alpha(t) x0 + sigma(t) x1 (+ gamma(t) z) -> out = net(x_t * input_scale(t), t, y)
+  -> (pred, target) = prediction conversion -> MSE (+ MSE of the z-denoiser)
   -> backward (accumulated over micro-batches, DDP sync only on the last) -> clip
-  -> optimizer + LR step -> EMA -> occasional log / sample / save.
+  -> optimizer + LR step -> EMA -> occasional log / sample / eval / save.
 
-Randomness: the times, base samples and label dropout of a step are drawn for the GLOBAL batch
-from a generator seeded by (seed, step), and each rank takes its rows (row W * i + r of the
-micro-batch, matching the data loader's interleaving). So a run is identical for any number of
-ranks with the same global batch, and resuming needs no RNG state for them. Dropout inside the
-network uses the per-rank torch RNG (seeded by seed + rank), saved in every checkpoint.
+Randomness: the times, base samples, latents and label dropout of a step are drawn for the
+GLOBAL batch from a generator seeded by (seed, step), and each rank takes its rows (row W * i + r
+of the micro-batch, matching the data loader's interleaving). So a run is identical for any
+number of ranks with the same global batch (except with OT pairing, which couples within each
+rank's micro-batch), and resuming needs no RNG state for them. Dropout inside the network uses
+the per-rank torch RNG (seeded by seed + rank), saved in every checkpoint.
 """
 
 import contextlib

@@ -154,7 +154,7 @@ def main_(args):
 
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--steps", type=int, default=10_000)
+    parser.add_argument("--steps", type=int, default=5000)
     parser.add_argument("--workdir", default="ckpts")
     parser.add_argument("--out", default="docs")
     main_(parser.parse_args())

@@ -191,3 +191,20 @@ def test_presets_train_on_tiny_files(tmp_path, tiny_files, preset, extra):
     if preset == "mnist" and extra:
         expected = (1, 32, 32)
     assert tuple(trainer.dataset.shape) == expected
+
+
+def test_eval_every_logs_metrics(tmp_path):
+    config = tiny_config(
+        "checkerboard",
+        tmp_path,
+        train__steps=2,
+        train__eval_every=2,
+        sample__num=64,
+        eval__nll_num=16,
+        eval__nll_steps=2,
+    )
+    trainer = main.train(config, {}, SINGLE)
+    evals = [r for r in read_metrics(trainer.run_dir) if "eval/sliced_wasserstein" in r]
+    assert len(evals) == 1 and evals[0]["step"] == 2
+    assert evals[0]["eval/nll_num"] == 16 and np.isfinite(evals[0]["eval/nll_nats_per_dim"])
+    assert len(trainer.eval_dataset) >= 16 and trainer.eval_dataset is not trainer.dataset
