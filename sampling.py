@@ -410,9 +410,8 @@ class PerSampleNoise:
 
     def __init__(self, seed, indices, device="cpu"):
         self.device = torch.device(device)
-        self.generators = [
-            torch.Generator(self.device).manual_seed(sample_seed(seed, i)) for i in indices
-        ]
+        self.seeds = [sample_seed(seed, i) for i in indices]
+        self.generators = [torch.Generator(self.device).manual_seed(s) for s in self.seeds]
 
     def __call__(self, like):
         return torch.stack(
@@ -423,8 +422,10 @@ class PerSampleNoise:
         )
 
     def base(self, base_sampler, shape):
-        """One draw per sample from `base_sampler(n, generator)` (a non-Gaussian base)."""
-        return torch.cat([base_sampler(1, g).reshape(1, *shape) for g in self.generators])
+        """One draw per sample from `base_sampler(n, generator)` (a non-Gaussian base, drawn on
+        the CPU from its own per-sample stream), on this device."""
+        draws = [base_sampler(1, torch.Generator().manual_seed(s ^ 1)) for s in self.seeds]
+        return torch.cat([d.reshape(1, *shape) for d in draws]).to(self.device)
 
 
 def sample_seed(seed, index):

@@ -131,7 +131,8 @@ def main_(args):
             "residual MLP, EMA weights). Every row uses the same 4096 per-sample-seeded base "
             "points; SW and MMD are measured against 4096 fresh data points. ODE rows have no "
             "final denoising step; SDE rows start at t = 1, stop at t = 1e-3 and end with the x0 "
-            "estimate (one extra NFE).",
+            "estimate (one extra NFE). The SDE draws its own noise per sample, so its rows are "
+            "single draws: differences in SW below about 0.01 are within sampling noise.",
             "",
             *lines,
             "",

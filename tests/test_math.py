@@ -14,13 +14,7 @@ from time_samplers import TIME_SAMPLERS, build_time_sampler
 
 TIMES = torch.linspace(0.02, 0.98, 49, dtype=torch.float64)
 
-
-@pytest.fixture(autouse=True)
-def _float64():
-    previous = torch.get_default_dtype()
-    torch.set_default_dtype(torch.float64)
-    yield
-    torch.set_default_dtype(previous)
+pytestmark = pytest.mark.usefixtures("float64")
 
 
 @pytest.mark.parametrize("name", sorted(PROCESSES))

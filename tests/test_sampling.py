@@ -15,13 +15,7 @@ from processes import bcast, build_process
 MEAN = torch.tensor([1.5, -0.5], dtype=torch.float64)
 STD = torch.tensor([0.5, 2.0], dtype=torch.float64)
 
-
-@pytest.fixture(autouse=True)
-def _float64():
-    previous = torch.get_default_dtype()
-    torch.set_default_dtype(torch.float64)
-    yield
-    torch.set_default_dtype(previous)
+pytestmark = pytest.mark.usefixtures("float64")
 
 
 class GaussianOracle(torch.nn.Module):

@@ -18,14 +18,6 @@ from processes import GAMMAS, build_process
 from trainer import minibatch_ot_permutation
 
 
-@pytest.fixture
-def float64():
-    previous = torch.get_default_dtype()
-    torch.set_default_dtype(torch.float64)
-    yield
-    torch.set_default_dtype(previous)
-
-
 @pytest.mark.usefixtures("float64")
 def test_dopri5_meets_its_tolerance_and_counts_nfe():
     process = build_process("trig")
