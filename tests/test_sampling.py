@@ -34,11 +34,20 @@ class GaussianOracle(torch.nn.Module):
         return prediction.FROM_X0_EPS[self.kind](x0_hat, eps_hat, c)
 
 
-def terminal_error(process, kind, solver, steps, t_max=1.0, t_min=0.0, grid="uniform"):
+def terminal_error(process, kind, solver, steps, t_max=1.0, t_min=0.0, grid="uniform", **kw):
     x1 = torch.randn(256, 2, generator=torch.Generator().manual_seed(0))
     net = GaussianOracle(process, kind)
     x, nfe = sampling.sample(
-        net, process, kind, x1, solver=solver, steps=steps, t_max=t_max, t_min=t_min, grid=grid
+        net,
+        process,
+        kind,
+        x1,
+        solver=solver,
+        steps=steps,
+        t_max=t_max,
+        t_min=t_min,
+        grid=grid,
+        **kw,
     )
     # exact flow from the start sigma(t_max) x1: invert the affine marginal map at t_max, then
     # map to data
