@@ -21,6 +21,7 @@ import config as config_lib
 import data_utils
 import evaluation
 import logging_utils
+import optimizers
 import prediction
 import sampling
 import time_samplers
@@ -94,11 +95,11 @@ def registry_choices():
         "sample.grid": sampling.TIME_GRIDS,
         "sample.diffusion": sampling.DIFFUSIONS,
         "sample.clip_x0": sampling.CLIPPERS,
-        "train.lr_schedule": ("constant", "cosine", "linear"),
+        "train.lr_schedule": optimizers.LR_SCHEDULES,
         "train.precision": ("fp32", "bf16"),
         "eval.feature_extractor": evaluation.FEATURE_EXTRACTORS,
         "eval.nll_solver": sampling.ODE_SOLVERS,
-        "eval.divergence": ("auto", "exact", "hutchinson"),
+        "eval.divergence": ("auto", *sampling.DIVERGENCES),
         "logging.wandb": logging_utils.WANDB_MODES,
     }
 
@@ -150,26 +151,23 @@ def resolve_time_ranges(config, process):
     """Fill unset t_min / t_max: [0, 1] trimmed by 1e-3 at an end where the training pairing
     (or the sampler's field, grid or diffusion) is singular; then check the whole range."""
     p, s = config.prediction, config.sample
-    learn_z = process.stochastic
     train_dsts = (p.target,)
-    sample_dsts = ("velocity",)
-    if not learn_z:
-        sample_dsts += ("score",) if sampling.needs_score(s.solver) else ()
-        sample_dsts += ("x0",) if s.denoise_final or s.clip_x0 != "none" else ()
+    sampler = dict(
+        process=process,
+        model_output=p.model_output,
+        solver=s.solver,
+        diffusion=s.diffusion,
+        scale=s.diffusion_scale,
+        grid=s.grid,
+        learn_z=process.stochastic,
+        need_x0=s.denoise_final or s.clip_x0 != "none",
+    )
 
     def train_singular(t):
         return bool(prediction.singular_times(process, p.model_output, train_dsts, [t]))
 
     def sample_singular(t):
-        if prediction.singular_times(process, p.model_output, sample_dsts, [t]):
-            return True
-        if sampling.grid_is_singular(s.grid, process, t):
-            return True
-        if not sampling.needs_score(s.solver):
-            return False
-        eps = sampling.diffusion_coefficient(s.diffusion, s.diffusion_scale, process, t)
-        gamma_zero = learn_z and not process.gamma(torch.tensor(float(t))) > 0
-        return not abs(float(eps)) < 1e30 or gamma_zero
+        return bool(sampling.singular_sampling_times(times=[t], **sampler))
 
     def fill(section, singular):
         if section.t_min is None:
@@ -188,18 +186,7 @@ def resolve_time_ranges(config, process):
             f"{process.name!r} is singular at t={bad[0]:g}: set time_sampler.t_min / t_max "
             f"inside (0, 1)"
         )
-    message = sampling.check_sampling_range(
-        process,
-        p.model_output,
-        s.solver,
-        s.t_min,
-        s.t_max,
-        s.diffusion,
-        s.diffusion_scale,
-        s.steps,
-        s.grid,
-        learn_z,
-    )
+    message = sampling.check_sampling_range(t_min=s.t_min, t_max=s.t_max, steps=s.steps, **sampler)
     if message:
         raise ValueError(message)
 

@@ -115,12 +115,11 @@ def velocity_and_score(out, kind, x_t, c):
     return velocity, -eps_hat / c.sigma
 
 
-def reverse_sde_drift(out, kind, x_t, c, diffusion):
+def reverse_sde_drift(velocity, score, diffusion):
     """Drift of the reverse-time SDE, velocity - eps(t) * score, for diffusion coefficient eps(t).
 
     Integrated backwards as x <- x - h * drift + sqrt(2 eps(t) h) * noise (DESIGN.md).
     """
-    velocity, score = velocity_and_score(out, kind, x_t, c)
     return velocity - diffusion * score
 
 

@@ -148,26 +148,28 @@ def uniform_grid(steps, t_max, t_min, process):
     return torch.linspace(t_max, t_min, steps + 1, dtype=torch.float64)
 
 
+def grid_from_levels(level_fn, spacing, steps, t_max, t_min):
+    """The times where an increasing function of t, level_fn, takes the values `spacing(a, b, i)`
+    for i = i / steps in [0, 1], between a = level_fn(t_max) and b = level_fn(t_min)."""
+    a, b = level_fn(torch.tensor([t_max, t_min], dtype=torch.float64))
+    i = torch.arange(steps + 1, dtype=torch.float64) / steps
+    times = invert_monotone(level_fn, spacing(a, b, i), t_min, t_max)
+    times[0], times[-1] = t_max, t_min
+    return times
+
+
 def edm_grid(steps, t_max, t_min, process, rho=7.0):
     """EDM (Karras et al. 2022, eq. 5): noise levels s = sigma / alpha spaced as
     s_i = (s_max^(1/rho) + i / steps (s_min^(1/rho) - s_max^(1/rho)))^rho, mapped back to t."""
-    ends = noise_level(process, torch.tensor([t_max, t_min], dtype=torch.float64))
-    i = torch.arange(steps + 1, dtype=torch.float64) / steps
-    levels = (ends[0] ** (1 / rho) + i * (ends[1] ** (1 / rho) - ends[0] ** (1 / rho))) ** rho
-    times = invert_monotone(lambda t: noise_level(process, t), levels, t_min, t_max)
-    times[0], times[-1] = t_max, t_min
-    return times
+    spacing = lambda a, b, i: (a ** (1 / rho) + i * (b ** (1 / rho) - a ** (1 / rho))) ** rho
+    return grid_from_levels(lambda t: noise_level(process, t), spacing, steps, t_max, t_min)
 
 
 def logsnr_grid(steps, t_max, t_min, process):
     """Uniform in log-SNR lambda = log(alpha^2 / sigma^2) between its values at t_max and t_min
-    (the DPM-Solver grid), mapped back to t."""
-    lam = lambda t: process.log_snr(t)
-    ends = lam(torch.tensor([t_max, t_min], dtype=torch.float64))
-    levels = torch.linspace(float(ends[0]), float(ends[1]), steps + 1, dtype=torch.float64)
-    times = invert_monotone(lambda t: -lam(t), -levels, t_min, t_max)
-    times[0], times[-1] = t_max, t_min
-    return times
+    (the DPM-Solver grid), mapped back to t (through -lambda, which increases with t)."""
+    spacing = lambda a, b, i: a + i * (b - a)
+    return grid_from_levels(lambda t: -process.log_snr(t), spacing, steps, t_max, t_min)
 
 
 TIME_GRIDS = {"uniform": uniform_grid, "edm": edm_grid, "logsnr": logsnr_grid}
@@ -287,8 +289,7 @@ ADAPTIVE = ("dopri5",)
 # SDE with eps(t) = diffusion(t) and noise(x) ~ N(0, I) shaped like x.
 # ---------------------------------------------------------------------------------------------
 def _drift(field, x, t, eps_t):
-    velocity, score = field.velocity_and_score(x, t)
-    return velocity - eps_t * score
+    return prediction.reverse_sde_drift(*field.velocity_and_score(x, t), eps_t)
 
 
 def euler_maruyama(field, x, grid, diffusion, noise, callback=None):
@@ -468,6 +469,37 @@ def generate(
     return (torch.cat(outputs) if outputs else empty), nfe
 
 
+def singular_sampling_times(
+    process,
+    model_output,
+    solver,
+    times,
+    diffusion,
+    scale,
+    grid="uniform",
+    learn_z=False,
+    need_x0=False,
+):
+    """The times among `times` where this sampler cannot evaluate its field: a singular
+    prediction conversion (velocity, plus score for SDEs and x0 for denoising / clipping), an
+    infinite noise level for the edm / logsnr grids, an infinite SDE coefficient, or gamma = 0
+    where the score comes from the z-denoiser."""
+    dsts = ("velocity",)
+    if not learn_z:
+        dsts += ("score",) if needs_score(solver) else ()
+        dsts += ("x0",) if need_x0 else ()
+    bad = set(prediction.singular_times(process, model_output, dsts, times))
+    bad |= {t for t in times if grid_is_singular(grid, process, t)}
+    if needs_score(solver):
+        t = torch.tensor(times, dtype=torch.float64)
+        eps = diffusion_coefficient(diffusion, scale, process, t).tolist()
+        bad |= {s for s, e in zip(times, eps, strict=True) if not abs(e) < 1e30}
+        if learn_z:
+            gamma = process.gamma(t).tolist()
+            bad |= {s for s, g in zip(times, gamma, strict=True) if not g > 0}
+    return sorted(bad)
+
+
 def check_sampling_range(
     process,
     model_output,
@@ -479,31 +511,22 @@ def check_sampling_range(
     steps,
     grid="uniform",
     learn_z=False,
+    need_x0=False,
 ):
-    """One-line error message if the field (or the SDE's eps) is not finite on the time grid of
-    this sampler, else None. Called before any sampling starts."""
-    for t in (t_max, t_min):
-        if grid_is_singular(grid, process, t):
-            return (
-                f"sample.grid={grid} needs a finite noise level at t={t:g} for process "
-                f"{process.name!r}: move sample.t_min / sample.t_max inside (0, 1)"
-            )
-    times = TIME_GRIDS[grid](steps, t_max, t_min, process).tolist()
-    bad = []
-    if not learn_z:
-        dsts = ("velocity", "score") if needs_score(solver) else ("velocity",)
-        bad = prediction.singular_times(process, model_output, dsts, times)
-    if needs_score(solver):
-        t = torch.tensor(times, dtype=torch.float64)
-        eps = diffusion_coefficient(diffusion, scale, process, t)
-        bad += [s for s, e in zip(times, eps.tolist(), strict=True) if not abs(e) < 1e30]
-        if learn_z:
-            gamma = process.gamma(t).tolist()
-            bad += [s for s, g in zip(times, gamma, strict=True) if not g > 0]
+    """One-line error message if the sampler's field is singular anywhere on its time grid,
+    else None. Called before any sampling starts."""
+    bad = singular_sampling_times(
+        process, model_output, solver, [t_max, t_min], diffusion, scale, grid, learn_z, need_x0
+    )
+    if not bad:
+        times = TIME_GRIDS[grid](steps, t_max, t_min, process).tolist()
+        bad = singular_sampling_times(
+            process, model_output, solver, times, diffusion, scale, grid, learn_z, need_x0
+        )
     if bad:
         return (
-            f"sampling {model_output} outputs of process {process.name!r} with {solver} is "
-            f"singular at t={sorted(set(bad))[0]:g} (sample.t_min={t_min:g}, "
+            f"sampling {model_output} outputs of process {process.name!r} with {solver} on the "
+            f"{grid} grid is singular at t={bad[0]:g} (sample.t_min={t_min:g}, "
             f"sample.t_max={t_max:g}): move sample.t_min / sample.t_max inside (0, 1)"
         )
     return None
@@ -540,6 +563,9 @@ def hutchinson_divergence(f, x, t, probes):
     return out.detach(), estimate.detach() / len(probes)
 
 
+DIVERGENCES = ("exact", "hutchinson")
+
+
 def gaussian_log_density(x, std):
     """log N(x; 0, std^2 I) per sample."""
     flat = x.reshape(x.shape[0], -1)
@@ -572,17 +598,18 @@ def log_likelihood(
     dimension, the Hutchinson estimate (seeded Rademacher probes) one per probe."""
     field = Field(net, process, model_output, y=y, learn_z=learn_z)
     shape = x0.shape
+    if divergence not in DIVERGENCES:
+        raise ValueError(f"divergence={divergence!r} is unknown; valid choices: {DIVERGENCES}")
+    probes = None
     if divergence == "hutchinson":
         gen = torch.Generator(device=x0.device).manual_seed(seed)
         probes = torch.randint(0, 2, (num_probes, *shape), generator=gen, device=x0.device)
         probes = probes.to(x0.dtype) * 2 - 1
-        div_fn = lambda x, t: hutchinson_divergence(field.velocity, x, t, probes)
-    elif divergence == "exact":
-        div_fn = lambda x, t: exact_divergence(field.velocity, x, t)
-    else:
-        raise ValueError(
-            f"divergence={divergence!r} is unknown; valid choices: ['exact', 'hutchinson']"
-        )
+    div_fn = lambda x, t: (
+        exact_divergence(field.velocity, x, t)
+        if probes is None
+        else hutchinson_divergence(field.velocity, x, t, probes)
+    )
 
     def augmented(state, t):
         x = state[:, :-1].reshape(shape)

@@ -125,7 +125,7 @@ def test_velocity_and_score_closed_form():
         velocity, process.velocity_target(x0, x1, torch.linspace(0.05, 0.95, 6))
     )
     torch.testing.assert_close(score, -x1 / c.sigma)
-    drift = prediction.reverse_sde_drift(x1, "eps", x_t, c, 0.7)
+    drift = prediction.reverse_sde_drift(velocity, score, 0.7)
     torch.testing.assert_close(drift, velocity - 0.7 * score)
 
 
