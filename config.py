@@ -6,6 +6,8 @@ Edit the presets below to start a project. This file knows nothing of torch: the
 for registry fields come from the modules that own the registries (see `validate`).
 """
 
+import math
+
 from ml_collections import ConfigDict, config_dict
 
 DEFAULT_PRESET = "digits"
@@ -28,7 +30,7 @@ def base_config():
     c.data.num_workers = 0
 
     c.model = ConfigDict()
-    c.model.name = "unet"  # unet | mlp
+    c.model.name = "unet"  # unet | mlp | dit
     c.model.class_conditional = True  # ignored when the dataset has no labels
     c.model.class_dropout = 0.1  # label dropout to the null class, for classifier-free guidance
     c.model.base_channels = 64  # unet
@@ -39,6 +41,12 @@ def base_config():
     c.model.dropout = 0.0
     c.model.hidden = 256  # mlp
     c.model.num_blocks = 4
+    c.model.patch_size = 2  # dit: pixels per patch side (image_size must be divisible by it)
+    c.model.width = 384  # dit: token dimension (divisible by num_heads and by 4)
+    c.model.depth = 12  # dit: transformer blocks
+    c.model.mlp_ratio = 4.0  # dit: MLP hidden size / width
+    c.model.pos_embed = "sincos"  # dit: sincos (fixed) | learned
+    c.model.time_inputs = 1  # 1: net(x, t, y); 2: net(x, t, y, r), a second time input
 
     c.process = ConfigDict()
     c.process.name = "linear"  # linear | trig | vp_linear | vp_cosine | ve
@@ -76,7 +84,10 @@ def base_config():
     c.train.betas = (0.9, 0.999)
     c.train.adam_eps = 1e-8
     c.train.grad_clip = 1.0  # max global gradient norm; 0 disables clipping
-    c.train.ema_decay = 0.9999
+    c.train.ema = "classic"  # classic (fixed ema_decay) | power (EDM2 power-function profiles)
+    c.train.ema_decay = 0.9999  # classic
+    c.train.ema_stds = (0.05, 0.10)  # power: relative stds tracked; sampling uses the first
+    c.train.ema_snapshot_every = 0  # power: snapshot to <run>/ema_snapshots every N steps; 0: off
     c.train.precision = "fp32"  # fp32 | bf16 (autocast on CUDA)
     c.train.compile = False  # torch.compile the network
     c.train.log_every = 100
@@ -85,6 +96,8 @@ def base_config():
     c.train.keep_ckpts = 2  # newest checkpoints kept in the run directory
     c.train.eval_every = 0  # run the evaluation (see `eval`) every N steps; 0 disables
     c.train.ot_pairing = False  # minibatch optimal-transport pairing of x0 and x1 (OT-CFM)
+    c.train.max_bad_steps = 20  # consecutive non-finite steps before the run stops; 0: never
+    c.train.init_from = ""  # start a new run from the weights of this checkpoint (or run dir)
 
     c.sample = ConfigDict()
     c.sample.solver = "heun"  # ODE: euler | heun | midpoint | rk4 | dopri5; SDE: euler_maruyama
@@ -118,6 +131,7 @@ def base_config():
     c.logging = ConfigDict()
     c.logging.wandb = "auto"  # auto (online with credentials, else offline) | online | offline
     c.logging.project = "interpolants"  # | disabled
+    c.logging.wandb_verbose = False  # let wandb print its banner and end-of-run summary
     return c
 
 
@@ -133,6 +147,15 @@ def digits():
     c.train.sample_every = c.train.save_every = 500
     c.sample.num = 100
     c.sample.steps = 25
+    return c
+
+
+def digits_dit():
+    """The digits preset with a CPU-sized DiT (patch 2, width 128, depth 4, 4 heads; 1.3M
+    parameters) in place of the U-Net: about the same time per step."""
+    c = digits()
+    c.model.name, c.model.patch_size = "dit", 2
+    c.model.width, c.model.depth, c.model.num_heads = 128, 4, 4
     return c
 
 
@@ -210,17 +233,44 @@ def imagefolder():
     return c
 
 
+def cifar10_dit():
+    """CIFAR-10 with DiT-S/2 (width 384, depth 12, 6 heads, patch 2; 32.5M parameters) and the
+    DiT / SiT papers' optimisation: AdamW 1e-4, no warmup, no weight decay, EMA 0.9999."""
+    c = cifar10()
+    c.model.name, c.model.patch_size = "dit", 2
+    c.model.width, c.model.depth, c.model.num_heads, c.model.dropout = 384, 12, 6, 0.0
+    c.train.lr, c.train.warmup_steps, c.train.grad_clip = 1e-4, 0, 0.0
+    return c
+
+
+def imagefolder_small():
+    """Your own images on a laptop CPU: a 2M-parameter U-Net at 32x32, no loader workers, short
+    warmup; --config.data.path=DIR as for `imagefolder`."""
+    c = imagefolder()
+    c.data.image_size, c.data.num_workers = 32, 0
+    c.model.base_channels, c.model.channel_mults = 32, (1, 2, 2)
+    c.model.attn_resolutions, c.model.dropout = (8,), 0.0
+    c.train.steps, c.train.batch_size, c.train.lr = 5000, 32, 5e-4
+    c.train.warmup_steps, c.train.ema_decay = 100, 0.999
+    c.train.save_every = c.train.sample_every = 1000
+    c.sample.steps = 25
+    return c
+
+
 PRESETS = {
     f.__name__: f
     for f in (
         digits,
+        digits_dit,
         checkerboard,
         moons,
         gaussians8,
         gaussians8_to_moons,
         mnist,
         cifar10,
+        cifar10_dit,
         imagefolder,
+        imagefolder_small,
     )
 }
 
@@ -236,7 +286,10 @@ def get_config(preset=None):
 
 
 # ---------------------------------------------------------------------------------------------
-# Validation: every problem is one line naming the key and the valid choices.
+# Validation: every problem is one line `KEY=VALUE must be ...` naming the key, the bad value
+# and what is valid. Registry choices come from main.py; value rules are the table VALUE_RULES
+# (a key missing from the config is skipped, so a rule may precede its key); keys without a
+# rule get GENERIC rules (finite floats, positive sizes and counts); CROSS_CHECKS relate keys.
 # ---------------------------------------------------------------------------------------------
 def flatten(c, prefix=""):
     """{dotted key: value} of a (nested) ConfigDict."""
@@ -261,48 +314,272 @@ def unknown_key_error(c, key):
     return None
 
 
+MAX_SEED = 2**63  # seeds are offset by ranks and indices and must stay below 2**64
+
+
+def _is_int(value):
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_finite(value):
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _is_sequence(value):
+    return isinstance(value, (tuple, list))
+
+
+def _int_at_least(low, description=None):
+    """Rule: an integer >= low."""
+    return (lambda v: _is_int(v) and v >= low), description or f"an integer >= {low}"
+
+
+def _number_in(low=None, high=None, *, low_open=False, high_open=False):
+    """Rule: a finite number in [low, high] (an end None: unbounded; *_open: that end open)."""
+
+    def ok(v):
+        if not _is_finite(v):
+            return False
+        above = low is None or (v > low if low_open else v >= low)
+        return above and (high is None or (v < high if high_open else v <= high))
+
+    if low is not None and high is not None:
+        interval = f"{'(' if low_open else '['}{low:g}, {high:g}{')' if high_open else ']'}"
+        return ok, f"a finite number in {interval}"
+    if low is not None:
+        return ok, f"a finite number {'>' if low_open else '>='} {low:g}"
+    return ok, "a finite number"
+
+
+def _optional(rule):
+    """Rule: unset (None) or `rule`."""
+    check, description = rule
+    return (lambda v: v is None or check(v)), f"unset (None) or {description}"
+
+
+def _tuple_of(rule, what, min_len=0):
+    """Rule: a tuple (or list) of at least min_len items, each passing `rule`."""
+    check = rule[0]
+    return (lambda v: _is_sequence(v) and len(v) >= min_len and all(map(check, v))), what
+
+
+def _pair_in_unit_interval(v):
+    return _is_sequence(v) and len(v) == 2 and all(map(_is_finite, v)) and 0 <= v[0] <= v[1] <= 1
+
+
+def _safe_name(v):
+    """A single directory name: no separators, no '..', no control characters, not empty."""
+    return (
+        isinstance(v, str)
+        and v.isprintable()
+        and bool(v.strip())
+        and ".." not in v
+        and v != "."
+        and not any(sep in v for sep in ("/", "\\"))
+    )
+
+
+def _non_empty_path(v):
+    return isinstance(v, str) and bool(v.strip()) and "\0" not in v
+
+
+POSITIVE = _int_at_least(1, "positive (an integer >= 1)")
+NON_NEGATIVE = _int_at_least(0)
+SEED = (lambda v: _is_int(v) and 0 <= v < MAX_SEED), "an integer in [0, 2**63)"
+PROBABILITY = _number_in(0, 1, high_open=True)  # a drop rate: 1 would drop everything
+UNIT = _number_in(0, 1)
+FINITE = _number_in()
+POSITIVE_REAL = _number_in(0, low_open=True)
+NON_NEGATIVE_REAL = _number_in(0)
+TIME = _optional(UNIT)
+STRING = (lambda v: isinstance(v, str)), "a string"
+
+VALUE_RULES = {
+    "name": (
+        _safe_name,
+        "a non-empty directory name inside workdir: no '/', '\\', '..' or control characters",
+    ),
+    "workdir": (_non_empty_path, "a non-empty directory path"),
+    "seed": SEED,
+    "data.root": (_non_empty_path, "a non-empty directory path"),
+    "data.path": STRING,
+    "data.image_size": POSITIVE,
+    "data.num_points": POSITIVE,
+    "data.num_workers": NON_NEGATIVE,
+    "model.class_dropout": PROBABILITY,
+    "model.base_channels": POSITIVE,
+    "model.channel_mults": _tuple_of(
+        POSITIVE, "a non-empty tuple of positive integers, e.g. (1, 2, 2)", min_len=1
+    ),
+    "model.num_res_blocks": POSITIVE,
+    "model.attn_resolutions": _tuple_of(
+        POSITIVE, "a tuple of positive integers (feature-map sizes), e.g. (16,) or ()"
+    ),
+    "model.num_heads": POSITIVE,
+    "model.dropout": PROBABILITY,
+    "model.hidden": POSITIVE,
+    "model.num_blocks": POSITIVE,
+    "model.width": POSITIVE,
+    "model.depth": POSITIVE,
+    "model.patch_size": POSITIVE,
+    "process.gamma_scale": POSITIVE_REAL,
+    "prediction.sigma_data": POSITIVE_REAL,
+    "time_sampler.t_min": TIME,
+    "time_sampler.t_max": TIME,
+    "time_sampler.mean": FINITE,
+    "time_sampler.std": POSITIVE_REAL,
+    "train.steps": POSITIVE,
+    "train.batch_size": POSITIVE,
+    "train.grad_accum": POSITIVE,
+    "train.lr": POSITIVE_REAL,
+    "train.warmup_steps": NON_NEGATIVE,
+    "train.min_lr_ratio": UNIT,
+    "train.weight_decay": NON_NEGATIVE_REAL,
+    "train.betas": (
+        lambda v: _is_sequence(v) and len(v) == 2 and all(map(PROBABILITY[0], v)),
+        "a pair (beta1, beta2), each a finite number in [0, 1)",
+    ),
+    "train.adam_eps": POSITIVE_REAL,
+    "train.grad_clip": _number_in(0),
+    "train.ema_decay": UNIT,
+    "train.ema_stds": _tuple_of(
+        POSITIVE_REAL, "a non-empty tuple of finite numbers > 0", min_len=1
+    ),
+    "train.log_every": POSITIVE,
+    "train.sample_every": NON_NEGATIVE,
+    "train.save_every": POSITIVE,
+    "train.keep_ckpts": POSITIVE,
+    "train.eval_every": NON_NEGATIVE,
+    "train.max_bad_steps": NON_NEGATIVE,
+    "train.init_from": STRING,
+    "sample.steps": POSITIVE,
+    "sample.diffusion_scale": NON_NEGATIVE_REAL,
+    "sample.rtol": POSITIVE_REAL,
+    "sample.atol": POSITIVE_REAL,
+    "sample.guidance_scale": FINITE,
+    "sample.guidance_interval": (_pair_in_unit_interval, "a pair (lo, hi) with 0 <= lo <= hi <= 1"),
+    "sample.clip_percentile": _number_in(0, 1, low_open=True),
+    "sample.num": POSITIVE,
+    "sample.batch_size": POSITIVE,
+    "sample.seed": SEED,
+    "sample.t_min": TIME,
+    "sample.t_max": TIME,
+    "eval.nll_num": NON_NEGATIVE,
+    "eval.nll_steps": POSITIVE,
+    "eval.num_probes": POSITIVE,
+    "eval.seed": SEED,
+}
+# Sizes and counts of keys without a rule (e.g. newly added ones): an int whose last name part
+# starts or ends like this must be positive. Every float without a rule must be finite.
+SIZE_PREFIXES = ("num_",)
+SIZE_SUFFIXES = ("_size", "_channels", "_dim", "width", "depth", "heads")
+
+
+def generic_rule(key, value):
+    """The rule for a key without a VALUE_RULES entry, or None when anything goes."""
+    leaf = key.rsplit(".", 1)[-1]
+    if _is_int(value) and (leaf.startswith(SIZE_PREFIXES) or leaf.endswith(SIZE_SUFFIXES)):
+        return POSITIVE
+    if isinstance(value, float):
+        return FINITE
+    if _is_sequence(value) and any(isinstance(v, float) for v in value):
+        finite_or_not_float = (lambda v: not isinstance(v, float) or math.isfinite(v)), ""
+        return _tuple_of(finite_or_not_float, "a tuple of finite numbers")
+    return None
+
+
+def value_error(key, value):
+    """One-line message when `value` breaks the rule of `key`, else None."""
+    rule = VALUE_RULES.get(key) or generic_rule(key, value)
+    if rule is None or rule[0](value):
+        return None
+    return f"{key}={value!r} must be {rule[1]}"
+
+
+# Checks relating several keys: check(c, world_size) -> one-line message or None.
+def _batch_divisible(c, world_size):
+    t = c.train
+    per_step = world_size * t.grad_accum
+    if t.batch_size % per_step:
+        return (
+            f"train.batch_size={t.batch_size} is not divisible by world size {world_size} x "
+            f"train.grad_accum {t.grad_accum}: choose a multiple of {per_step}"
+        )
+    return None
+
+
+def _unet_downsampling(c, world_size):
+    if c.model.name != "unet":
+        return None
+    downsamplings = len(c.model.channel_mults) - 1
+    if c.data.image_size % 2**downsamplings:
+        return (
+            f"data.image_size={c.data.image_size} cannot be halved {downsamplings} times by "
+            f"model.channel_mults={tuple(c.model.channel_mults)}: use an image size divisible "
+            f"by {2**downsamplings} or fewer channel_mults"
+        )
+    return None
+
+
+def _unet_attention_heads(c, world_size):
+    """The U-Net's attention layers (the middle, and levels whose feature-map size is listed in
+    attn_resolutions) split their channels into num_heads heads."""
+    m = c.model
+    if m.name != "unet":
+        return None
+    mults = list(m.channel_mults)
+    levels = [k for k in range(len(mults)) if c.data.image_size // 2**k in m.attn_resolutions]
+    channels = sorted({m.base_channels * mults[k] for k in [*levels, len(mults) - 1]})
+    if any(ch % m.num_heads for ch in channels):
+        return (
+            f"model.num_heads={m.num_heads} must divide the channels of every attention layer "
+            f"{channels} (model.base_channels x model.channel_mults)"
+        )
+    return None
+
+
+def _time_ranges(c, world_size):
+    for section in ("time_sampler", "sample"):
+        lo, hi = c[section].t_min, c[section].t_max
+        if lo is not None and hi is not None and not 0.0 <= lo < hi <= 1.0:
+            return f"{section}.t_min={lo}, {section}.t_max={hi}: need 0 <= t_min < t_max <= 1"
+    return None
+
+
+def _eval_sample_count(c, world_size):
+    if c.train.eval_every and c.sample.num < 2:
+        return (
+            f"sample.num={c.sample.num} must be >= 2 when train.eval_every="
+            f"{c.train.eval_every} (sample statistics need two samples)"
+        )
+    return None
+
+
+CROSS_CHECKS = (
+    _batch_divisible,
+    _unet_downsampling,
+    _unet_attention_heads,
+    _time_ranges,
+    _eval_sample_count,
+)
+
+
 def validate(c, choices, world_size=1):
     """Raise ValueError (one line) for an unknown choice or an impossible value.
 
     `choices` maps dotted keys to their valid values (the registries' keys, passed in by main.py).
+    Then every value is checked against its rule (VALUE_RULES, else generic_rule), then the
+    relations between keys (CROSS_CHECKS). The first problem found is raised.
     """
     values = flatten(c)
     for key, valid in choices.items():
         if values[key] not in valid:
             raise ValueError(f"{key}={values[key]!r} is unknown; valid choices: {sorted(valid)}")
-    t = c.train
-    per_step = world_size * t.grad_accum
-    if t.batch_size % per_step:
-        raise ValueError(
-            f"train.batch_size={t.batch_size} is not divisible by world size {world_size} x "
-            f"train.grad_accum {t.grad_accum}: choose a multiple of {per_step}"
-        )
-    positive = [
-        "train.steps",
-        "train.batch_size",
-        "train.grad_accum",
-        "train.lr",
-        "train.log_every",
-        "sample.steps",
-        "sample.num",
-        "sample.batch_size",
-    ]
-    for key in positive:
-        if not values[key] > 0:
-            raise ValueError(f"{key}={values[key]!r} must be positive")
-    if c.model.name == "unet":
-        downsamplings = len(c.model.channel_mults) - 1
-        if c.data.image_size % 2**downsamplings:
-            raise ValueError(
-                f"data.image_size={c.data.image_size} cannot be halved {downsamplings} times by "
-                f"model.channel_mults={tuple(c.model.channel_mults)}: use an image size divisible "
-                f"by {2**downsamplings} or fewer channel_mults"
-            )
-    for section in ("time_sampler", "sample"):
-        lo, hi = c[section].t_min, c[section].t_max
-        if lo is not None and hi is not None and not 0.0 <= lo < hi <= 1.0:
-            raise ValueError(
-                f"{section}.t_min={lo}, {section}.t_max={hi}: need 0 <= t_min < t_max <= 1"
-            )
-    if not 0.0 <= c.model.class_dropout < 1.0:
-        raise ValueError(f"model.class_dropout={c.model.class_dropout} must be in [0, 1)")
+    for key, value in values.items():
+        message = value_error(key, value)
+        if message:
+            raise ValueError(message)
+    for check in CROSS_CHECKS:
+        message = check(c, world_size)
+        if message:
+            raise ValueError(message)

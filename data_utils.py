@@ -10,13 +10,16 @@ permutation, flips depend only on (seed, epoch, dataset index), and its position
 ``{"epoch", "batch"}`` dict that resumes exactly.
 """
 
+import codecs
 import functools
 import gzip
+import importlib
 import math
 import pickle
 import sys
 import tarfile
 import urllib.request
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -183,10 +186,20 @@ def sample_toy(name: str, n: int, generator: torch.Generator | None = None) -> t
 # --------------------------------------------------------------------------------------------
 
 
+def _one_line(err: BaseException) -> str:
+    """An exception as one line: its type and message with whitespace runs collapsed."""
+    return f"{type(err).__name__}: {' '.join(str(err).split())}".rstrip(": ")
+
+
 def _read_bytes(path: Path) -> bytes:
+    """The file's bytes (gunzipped for .gz); ValueError naming the file when it cannot be read
+    or is not a valid gzip stream (truncated, corrupt)."""
     opener = gzip.open if path.suffix == ".gz" else open
-    with opener(path, "rb") as f:
-        return f.read()
+    try:
+        with opener(path, "rb") as f:
+            return f.read()
+    except (OSError, EOFError, zlib.error) as err:
+        raise ValueError(f"{path}: cannot read ({_one_line(err)})") from err
 
 
 def _find_file(base: Path) -> Path | None:
@@ -200,9 +213,11 @@ def read_idx(path: Path, magic: int) -> np.ndarray:
     big-endian uint32 per dimension, then the data. Wrong magic -> ValueError naming the file."""
     data = _read_bytes(path)
     found = int.from_bytes(data[:4], "big")
-    if found != magic:
+    if len(data) < 4 or found != magic:
         raise ValueError(f"{path}: bad IDX magic number {found}, expected {magic}")
     ndim = magic & 0xFF
+    if len(data) < 4 + 4 * ndim:
+        raise ValueError(f"{path}: truncated IDX header ({len(data)} bytes)")
     dims = tuple(int(d) for d in np.frombuffer(data, ">u4", count=ndim, offset=4))
     array = np.frombuffer(data, np.uint8, offset=4 + 4 * ndim)
     if array.size != math.prod(dims):
@@ -210,11 +225,75 @@ def read_idx(path: Path, magic: int) -> np.ndarray:
     return array.reshape(dims)
 
 
-def _load_cifar_batch(path: Path) -> tuple[np.ndarray, np.ndarray]:
+def _numpy_internal(name: str):
+    """numpy._core.<name> (numpy >= 2), else numpy.core.<name>."""
+    try:
+        return importlib.import_module(f"numpy._core.{name}")
+    except ImportError:
+        return importlib.import_module(f"numpy.core.{name}")
+
+
+def _pickle_allowlist() -> dict:
+    """The only globals a CIFAR batch may name: what rebuilds numpy arrays (old and new
+    numpy module paths, pickle protocols 2-5) and the codec Python 3 uses for bytes in
+    protocol 2. None of them runs code of the file's choosing."""
+    multiarray, numeric = _numpy_internal("multiarray"), _numpy_internal("numeric")
+    allowed = {("numpy", "ndarray"): np.ndarray, ("numpy", "dtype"): np.dtype}
+    allowed[("_codecs", "encode")] = codecs.encode
+    for package in ("numpy.core", "numpy._core"):
+        allowed[(f"{package}.multiarray", "_reconstruct")] = multiarray._reconstruct
+        allowed[(f"{package}.multiarray", "scalar")] = multiarray.scalar
+        allowed[(f"{package}.numeric", "_frombuffer")] = numeric._frombuffer
+    return allowed
+
+
+class _ArrayUnpickler(pickle.Unpickler):
+    """Unpickler that rebuilds plain containers and numpy arrays and refuses every other global
+    (a crafted batch naming os.system, builtins.eval, ... raises UnpicklingError)."""
+
+    def find_class(self, module: str, name: str):
+        allowed = _pickle_allowlist()
+        if (module, name) not in allowed:
+            raise pickle.UnpicklingError(
+                f"refusing to load {module}.{name} (only numpy arrays are allowed)"
+            )
+        return allowed[(module, name)]
+
+
+def safe_unpickle(path: Path, encoding: str = "bytes"):
+    """pickle.load of `path` through _ArrayUnpickler: dicts, lists, strings, numbers and numpy
+    arrays only; loading never runs code from the file."""
     with open(path, "rb") as f:
-        batch = pickle.load(f, encoding="bytes")
-    x = np.asarray(batch[b"data"], dtype=np.uint8).reshape(-1, 3, 32, 32)
-    return x, np.asarray(batch[b"labels"], dtype=np.int64)
+        return _ArrayUnpickler(f, encoding=encoding).load()
+
+
+def _check_labels(labels: np.ndarray, num_classes: int, path: Path) -> np.ndarray:
+    if labels.size and not (0 <= labels.min() and labels.max() < num_classes):
+        raise ValueError(
+            f"{path}: labels must be in [0, {num_classes}), found {labels.min()}..{labels.max()}"
+        )
+    return labels
+
+
+def _load_cifar_batch(path: Path) -> tuple[np.ndarray, np.ndarray]:
+    """(images uint8 (N, 3, 32, 32), labels int64 (N,)) of one CIFAR-10 python batch, read
+    with safe_unpickle. Anything else (truncated, corrupt, crafted) -> ValueError naming it."""
+    try:
+        batch = safe_unpickle(path)
+        data, labels = batch[b"data"], batch[b"labels"]
+        if not isinstance(data, np.ndarray) or data.dtype != np.uint8 or data.shape[1:] != (3072,):
+            found = f"{data.dtype} {data.shape}" if isinstance(data, np.ndarray) else type(data)
+            raise ValueError(f"data is {found}, expected a uint8 (N, 3072) array")
+        x = data.reshape(-1, 3, 32, 32)
+        y = np.asarray(labels, dtype=np.int64).reshape(-1)
+    except Exception as err:  # a bad pickle fails in many ways (EOF, key, type, value, ...)
+        raise ValueError(
+            f"cifar10: {path} is not a CIFAR-10 python batch ({_one_line(err)}); "
+            f"extract {CIFAR10_URL} again"
+        ) from err
+    if len(x) != len(y):
+        raise ValueError(f"cifar10: {path} holds {len(x)} images but {len(y)} labels")
+    return x, _check_labels(y, 10, path)
 
 
 def _resize_one(img: np.ndarray, size: int, resample: int) -> np.ndarray:
@@ -234,9 +313,13 @@ def resize_images(
 
 
 def _load_folder_image(path: Path, size: int) -> np.ndarray:
-    """PIL open, RGB, centre-crop to a square, resize to size x size (bicubic): uint8 (3, S, S)."""
-    with Image.open(path) as im:
-        rgb = im.convert("RGB")
+    """PIL open, RGB, centre-crop to a square, resize to size x size (bicubic): uint8 (3, S, S).
+    An unreadable, truncated or corrupt file -> ValueError naming it."""
+    try:
+        with Image.open(path) as im:
+            rgb = im.convert("RGB")
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as err:
+        raise ValueError(f"imagefolder: cannot read image {path} ({_one_line(err)})") from err
     w, h = rgb.size
     s = min(w, h)
     left, top = (w - s) // 2, (h - s) // 2
@@ -302,7 +385,7 @@ def build_mnist(root: str, train: bool, *, image_size: int | None = None, **_) -
         raise FileNotFoundError(_mnist_message(missing))
     image_path, label_path = (_find_file(p) for p in _mnist_paths(root, train))
     x = read_idx(image_path, 2051)
-    y = read_idx(label_path, 2049)
+    y = _check_labels(read_idx(label_path, 2049), 10, label_path)
     if len(x) != len(y):
         raise ValueError(f"{image_path} has {len(x)} images but {label_path} {len(y)} labels")
     return _image_dataset(resize_images(x[:, None], image_size), y, 10)
@@ -474,14 +557,53 @@ def _ensure_cifar10(root: str, path: str | None = None) -> None:
 
 def _check_image_folder(path: str | None) -> None:
     if path is None or not Path(path).is_dir():
-        raise FileNotFoundError(f"imagefolder: path={path!r} is not a directory of images")
+        raise FileNotFoundError(
+            f"imagefolder: data.path={path or ''!r} is not a directory of images; set "
+            f"--config.data.path=DIR"
+        )
     if not _image_files(Path(path)):
         exts = "/".join(IMAGE_EXTENSIONS)
         raise ValueError(f"imagefolder: no images ({exts}) found under {path}")
 
 
+_WARNED: set[str] = set()  # warnings already printed by this process
+
+
+def _warn_once(message: str) -> None:
+    if message not in _WARNED:
+        _WARNED.add(message)
+        print(f"warning: {message}", file=sys.stderr, flush=True)
+
+
+def image_folder_warnings(path: str) -> list[str]:
+    """One-line warnings about a folder with class subfolders: images at its top level (which
+    build_imagefolder ignores) and class folders without images (labels never trained)."""
+    folder = Path(path)
+    classes = _class_dirs(folder)
+    if not classes:
+        return []
+    messages = []
+    loose = sorted(
+        p.name for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS
+    )
+    if loose:
+        messages.append(
+            f"imagefolder: {len(loose)} image(s) at the top of {path} (e.g. {loose[0]}) are "
+            f"ignored: with class subfolders only the images inside them are used"
+        )
+    empty = [d.name for d in classes if not _image_files(d)]
+    if empty:
+        messages.append(
+            f"imagefolder: class folder(s) {empty} under {path} hold no images; those labels "
+            f"are never trained"
+        )
+    return messages
+
+
 def _ensure_imagefolder(root: str, path: str | None = None) -> None:
     _check_image_folder(path)
+    for message in image_folder_warnings(path):
+        _warn_once(message)
 
 
 def _nothing_to_do(root: str, path: str | None = None) -> None:
@@ -495,7 +617,9 @@ def ensure_available(name: str, root: str, path: str | None = None) -> None:
     """Make sure dataset `name` can be built (call on rank 0 before building). MNIST and
     CIFAR-10 are downloaded into `root` when missing; when that fails, FileNotFoundError says
     which files to put where. imagefolder: `path` must be a directory holding images
-    (FileNotFoundError if not a directory, ValueError if it has no images). Others: nothing."""
+    (FileNotFoundError if not a directory, ValueError if it has no images); ignored images and
+    empty class folders get a one-line warning on stderr (image_folder_warnings). Others:
+    nothing."""
     _check_name(name)
     _ENSURE.get(name, _nothing_to_do)(root, path)
 
@@ -514,7 +638,7 @@ def _as_batch(batch) -> tuple[torch.Tensor, torch.Tensor]:
 def flip_mask(num_items: int, seed: int, epoch: int) -> torch.Tensor:
     """Which dataset indices are flipped in `epoch`: bool (num_items,), independent of rank,
     world size and batch size."""
-    generator = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+    generator = torch.Generator().manual_seed((seed * 1_000_003 + epoch) % 2**64)
     return torch.rand(num_items, generator=generator) < 0.5
 
 

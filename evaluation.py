@@ -26,6 +26,7 @@ import scipy.linalg
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from tqdm import tqdm
 
 import data_utils
 import utils
@@ -427,25 +428,39 @@ def _require_file(path: str) -> None:
         raise _Unavailable(f"weight file {path} not found")
 
 
-def _torch_fidelity_inception(device):
-    """torch-fidelity's FeatureExtractorInceptionV3 ('2048' pool features): uint8 in, its own
-    bilinear resize to 299 and scaling inside. Weights from torch.hub's checkpoint folder."""
+def _torch_fidelity_requirements():
+    """(module, weights path) of torch-fidelity's Inception; _Unavailable when either is
+    missing. Builds nothing."""
     module = _import("torch_fidelity.feature_extractor_inceptionv3")
     name = os.path.basename(module.URL_INCEPTION_V3)
     weights = os.path.join(torch.hub.get_dir(), "checkpoints", name)
     _require_file(weights)
+    return module, weights
+
+
+def _torch_fidelity_inception(device):
+    """torch-fidelity's FeatureExtractorInceptionV3 ('2048' pool features): uint8 in, its own
+    bilinear resize to 299 and scaling inside. Weights from torch.hub's checkpoint folder."""
+    module, weights = _torch_fidelity_requirements()
     net = module.FeatureExtractorInceptionV3(
         "inception-v3-compat", ["2048"], feature_extractor_weights_path=weights
     ).to(device)
     return lambda images: net(images.to(device))[0]
 
 
-def _clean_fid_inception(device):
-    """clean-fid's TorchScript Inception: each image PIL-bicubic resized to 299 in float
-    ("clean" mode), then the network on [0, 255] floats. Weights in CLEANFID_WEIGHTS_DIR."""
+def _clean_fid_requirements():
+    """(inception_torchscript, resize) modules of clean-fid; _Unavailable when a module or the
+    weight file is missing. Builds nothing."""
     torchscript = _import("cleanfid.inception_torchscript")
     resize = _import("cleanfid.resize")
     _require_file(os.path.join(CLEANFID_WEIGHTS_DIR, CLEANFID_WEIGHTS_FILE))
+    return torchscript, resize
+
+
+def _clean_fid_inception(device):
+    """clean-fid's TorchScript Inception: each image PIL-bicubic resized to 299 in float
+    ("clean" mode), then the network on [0, 255] floats. Weights in CLEANFID_WEIGHTS_DIR."""
+    torchscript, resize = _clean_fid_requirements()
     net = torchscript.InceptionV3W(CLEANFID_WEIGHTS_DIR, download=False).to(device)
     resizer = resize.build_resizer("clean")
 
@@ -461,6 +476,25 @@ INCEPTION_BACKENDS = {
     "torch-fidelity": _torch_fidelity_inception,
     "clean-fid": _clean_fid_inception,
 }
+# What each backend needs on disk, checkable without building it (a backend not listed here
+# needs nothing beyond its builder).
+INCEPTION_REQUIREMENTS = {
+    "torch-fidelity": _torch_fidelity_requirements,
+    "clean-fid": _clean_fid_requirements,
+}
+
+
+def inception_unavailable_reason() -> str | None:
+    """None when some INCEPTION_BACKENDS entry has its package and weights on disk; else one
+    line saying what each backend lacks. Imports packages but builds no network."""
+    missing = []
+    for backend in INCEPTION_BACKENDS:
+        try:
+            INCEPTION_REQUIREMENTS.get(backend, lambda: None)()
+            return None
+        except _Unavailable as err:
+            missing.append(f"{backend}: {err}")
+    return "; ".join(missing).replace("\n", " ")
 
 
 def to_uint8_rgb(x: torch.Tensor) -> torch.Tensor:
@@ -485,7 +519,7 @@ def build_inception_extractor(
     dataset_name=None, root="data", device="cpu", image_size=None, path=None
 ) -> InceptionFeatures:
     """The first INCEPTION_BACKENDS entry whose package imports and whose weights are already
-    on disk (nothing is downloaded); else RuntimeError, one line naming what is missing."""
+    on disk (nothing is downloaded); else ValueError, one line naming what is missing."""
     missing = []
     for backend, build in INCEPTION_BACKENDS.items():
         try:
@@ -496,7 +530,7 @@ def build_inception_extractor(
         f"inception features unavailable ({'; '.join(missing)}); nothing is downloaded here; "
         "--config.eval.feature_extractor=classifier works offline for digits/mnist"
     )
-    raise RuntimeError(message.replace("\n", " "))
+    raise ValueError(message.replace("\n", " "))
 
 
 FEATURE_EXTRACTORS = {
@@ -516,12 +550,79 @@ def build_feature_extractor(
     return FEATURE_EXTRACTORS[name](dataset_name, root, device, image_size=image_size, path=path)
 
 
+def _classifier_problem(dataset_name: str) -> str | None:
+    if dataset_name in CLASSIFIER_RECIPES:
+        return None
+    return (
+        f"eval.feature_extractor=classifier has no classifier for data.name={dataset_name} "
+        f"(classifiers exist for {sorted(CLASSIFIER_RECIPES)}): use "
+        f"eval.feature_extractor=inception (torch-fidelity or clean-fid with its weights on "
+        f"disk), or train.eval_every=0 to skip evaluation"
+    )
+
+
+def _inception_problem(dataset_name: str) -> str | None:
+    reason = inception_unavailable_reason()
+    if reason is None:
+        return None
+    return (
+        f"eval.feature_extractor=inception is unavailable ({reason}); nothing is downloaded "
+        f"here: install torch-fidelity or clean-fid with its weights, or use "
+        f"eval.feature_extractor=classifier (for {sorted(CLASSIFIER_RECIPES)}), or "
+        f"train.eval_every=0 to skip evaluation"
+    )
+
+
+# name -> problem(dataset_name): one line saying why the extractor cannot work, or None.
+FEATURE_EXTRACTOR_PROBLEMS = {"classifier": _classifier_problem, "inception": _inception_problem}
+
+
+def check_feature_extractor(name, dataset_name, num_samples=None) -> None:
+    """Raise ValueError (one line) when evaluating `dataset_name` with extractor `name` cannot
+    work, before any training or sampling: an unknown extractor, no classifier for the dataset,
+    Inception without a backend on disk, or fewer than 2 samples (`num_samples`, when given).
+    2-D point sets use no extractor (their metrics need only the samples). Builds nothing and
+    trains nothing (the classifier of a known dataset is trained when first built)."""
+    if num_samples is not None and num_samples < 2:
+        raise ValueError(
+            f"sample.num={num_samples} must be >= 2 to evaluate (sample statistics need at "
+            f"least two samples)"
+        )
+    if dataset_name in data_utils.TOY_SETS:
+        return
+    if name not in FEATURE_EXTRACTORS:
+        raise ValueError(
+            f"eval.feature_extractor={name!r} is unknown; valid choices: "
+            f"{sorted(FEATURE_EXTRACTORS)}"
+        )
+    problem = FEATURE_EXTRACTOR_PROBLEMS.get(name, lambda _: None)(dataset_name)
+    if problem:
+        raise ValueError(problem)
+
+
+PROGRESS_MIN_BATCHES = 4  # feature extraction over fewer batches shows no progress bar
+
+
+def _is_main_process() -> bool:
+    dist = torch.distributed
+    return not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
+
+
+def _progress(iterable, total: int, desc: str):
+    """tqdm over `iterable` on the main process when there are at least PROGRESS_MIN_BATCHES
+    items; the iterable as it is otherwise."""
+    show = _is_main_process() and total >= PROGRESS_MIN_BATCHES
+    return tqdm(iterable, total=total, desc=desc, unit="batch", disable=not show, leave=False)
+
+
 @torch.no_grad()
 def compute_features(extractor, x: torch.Tensor, batch_size: int = 500) -> torch.Tensor:
-    """extractor over x in batches: features (N, D), float64 on CPU."""
+    """extractor over x in batches: features (N, D), float64 on CPU (a progress bar on the
+    main process when there are many batches)."""
+    starts = range(0, len(x), batch_size)
     out = [
         extractor(x[i : i + batch_size]).to("cpu", torch.float64)
-        for i in range(0, len(x), batch_size)
+        for i in _progress(starts, len(starts), "sample features")
     ]
     return torch.cat(out)
 
@@ -564,9 +665,10 @@ def reference_statistics(
         return cached
     dataset = data_utils.build_dataset(dataset_name, root, True, image_size=image_size, path=path)
     n = min(max_items, len(dataset))
+    chunks = _batches(n, batch_size)
     batches = (
         compute_features(extractor, dataset.__getitems__(index.tolist())[0], batch_size)
-        for index in _batches(n, batch_size)
+        for index in _progress(chunks, len(chunks), "reference features")
     )
     mu, sigma = _streaming_statistics(batches)
     utils.atomic_save_npz({"mu": mu, "sigma": sigma, "key": np.array(key), "num_items": n}, cache)

@@ -216,6 +216,31 @@ def test_mnist_bad_magic(tmp_path):
         build_dataset("mnist", str(tmp_path))
 
 
+@pytest.mark.parametrize(
+    "name,damage,expected",
+    [
+        (
+            "train-images-idx3-ubyte",
+            lambda b: b[: len(b) - 100],
+            "header says (5, 28, 28) but holds 3820 bytes",
+        ),
+        ("train-images-idx3-ubyte", lambda b: b[:6], "truncated IDX header (6 bytes)"),
+        ("train-images-idx3-ubyte", lambda b: b"", "bad IDX magic number 0"),
+        ("train-images-idx3-ubyte.gz", lambda b: b[: len(b) // 2], "cannot read (EOFError"),
+        ("train-images-idx3-ubyte.gz", lambda b: b"not gzip at all", "cannot read (BadGzip"),
+        ("train-labels-idx1-ubyte", lambda b: b[:8] + bytes([3, 200, 1, 0, 9]), "labels must"),
+    ],
+)
+def test_mnist_damaged_files_are_one_line_naming_the_file(tmp_path, name, damage, expected):
+    write_mnist(tmp_path, n=5, gz=name.endswith(".gz"))
+    path = tmp_path / "mnist" / name
+    path.write_bytes(damage(path.read_bytes()))
+    with pytest.raises(ValueError) as info:
+        build_dataset("mnist", str(tmp_path))
+    message = str(info.value)
+    assert str(path) in message and expected in message and "\n" not in message
+
+
 def test_mnist_missing_files(tmp_path, monkeypatch):
     monkeypatch.setattr(data_utils, "_download", fail_download)
     write_mnist(tmp_path)
@@ -276,6 +301,90 @@ def test_cifar10_layout(tmp_path):
         assert int(train.x[i].sum()) == sum(10 * c + i + 1 for c in range(3))
     x, _ = test.__getitems__([1])
     assert x[0, 2, 5, 8] == pytest.approx(22 / 127.5 - 1)  # row 1, channel 2
+
+
+@pytest.mark.parametrize("protocol", [2, 4, 5])
+def test_cifar10_batch_from_any_pickle_protocol(tmp_path, protocol):
+    write_cifar(tmp_path, n=2)
+    path = tmp_path / "cifar-10-batches-py" / "test_batch"
+    path.write_bytes(pickle.dumps(cifar_rows(3, first_label=4), protocol=protocol))
+    test = build_dataset("cifar10", str(tmp_path), train=False)
+    assert test.y.tolist() == [4, 5, 6] and test.x[2, 1, 3, 5] == 10 + 2 + 1
+
+
+def test_cifar10_old_numpy_module_path(tmp_path):
+    """Batches pickled by numpy 1 (the real CIFAR files) name numpy.core.multiarray."""
+    write_cifar(tmp_path, n=2)
+    path = tmp_path / "cifar-10-batches-py" / "test_batch"
+    payload = pickle.dumps(cifar_rows(2, first_label=0), protocol=2)
+    path.write_bytes(payload.replace(b"numpy._core.multiarray", b"numpy.core.multiarray"))
+    assert b"numpy.core.multiarray" in path.read_bytes()
+    assert build_dataset("cifar10", str(tmp_path), train=False).y.tolist() == [0, 1]
+
+
+class _RunsShell:
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        import os
+
+        return (os.system, (f"touch {self.marker}",))
+
+
+class _WritesFile:
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (exec, (f"open({str(self.marker)!r}, 'w').write('x')",))
+
+
+@pytest.mark.parametrize("payload", [_RunsShell, _WritesFile])
+def test_crafted_cifar_pickle_does_not_run(tmp_path, payload):
+    write_cifar(tmp_path, n=2)
+    marker = tmp_path / "PWNED"
+    path = tmp_path / "cifar-10-batches-py" / "data_batch_3"
+    path.write_bytes(pickle.dumps({b"data": payload(marker), b"labels": [0]}))
+    with pytest.raises(ValueError) as info:
+        build_dataset("cifar10", str(tmp_path))
+    message = str(info.value)
+    assert str(path) in message and "refusing to load" in message and "\n" not in message
+    assert not marker.exists()
+
+
+@pytest.mark.parametrize(
+    "payload,expected",
+    [
+        (lambda good: good[: len(good) // 2], "pickle data was truncated"),
+        (lambda good: b"", "EOFError"),
+        (lambda good: b"garbage" * 10, "UnpicklingError"),
+        (lambda good: pickle.dumps({b"labels": [0]}), "KeyError"),
+        (
+            lambda good: pickle.dumps({b"data": np.zeros((2, 100), np.uint8), b"labels": [0, 1]}),
+            "expected a uint8 (N, 3072) array",
+        ),
+        (lambda good: pickle.dumps([1, 2, 3]), "TypeError"),
+    ],
+)
+def test_cifar10_corrupt_batch_is_one_line_naming_it(tmp_path, payload, expected):
+    write_cifar(tmp_path, n=2)
+    path = tmp_path / "cifar-10-batches-py" / "data_batch_2"
+    path.write_bytes(payload(path.read_bytes()))
+    with pytest.raises(ValueError) as info:
+        build_dataset("cifar10", str(tmp_path))
+    message = str(info.value)
+    assert str(path) in message and expected in message and "\n" not in message
+
+
+def test_cifar10_labels_out_of_range(tmp_path):
+    write_cifar(tmp_path, n=2)
+    path = tmp_path / "cifar-10-batches-py" / "test_batch"
+    rows = cifar_rows(2, first_label=0)
+    rows[b"labels"] = [3, 10]
+    path.write_bytes(pickle.dumps(rows))
+    with pytest.raises(ValueError, match=r"labels must be in \[0, 10\), found 3..10"):
+        build_dataset("cifar10", str(tmp_path), train=False)
 
 
 def test_cifar10_missing(tmp_path, monkeypatch):
@@ -350,6 +459,53 @@ def test_imagefolder_flat_and_errors(tmp_path):
         ensure_available("imagefolder", "data", path=str(tmp_path / "nope"))
     with pytest.raises(ValueError, match="image_size"):
         build_dataset("imagefolder", path=str(tmp_path / "flat"))
+
+
+@pytest.mark.parametrize(
+    "content,expected",
+    [
+        (b"this is not a PNG", "UnidentifiedImageError"),
+        ("truncated", "OSError"),
+    ],
+)
+def test_imagefolder_corrupt_image_is_named(tmp_path, content, expected):
+    write_png(tmp_path / "cat" / "good.png", (8, 8), (1, 2, 3))
+    bad = tmp_path / "cat" / "bad.png"
+    if content == "truncated":
+        write_png(bad, (64, 64), (9, 9, 9))
+        content = bad.read_bytes()[:60]
+    bad.write_bytes(content)
+    with pytest.raises(ValueError) as info:
+        build_dataset("imagefolder", path=str(tmp_path), image_size=8)
+    message = str(info.value)
+    assert message.startswith(f"imagefolder: cannot read image {bad} (") and "\n" not in message
+    assert expected in message
+
+
+def test_imagefolder_warns_once_about_ignored_images(tmp_path, capsys):
+    write_png(tmp_path / "cat" / "a.png", (8, 8), (1, 2, 3))
+    write_png(tmp_path / "loose.png", (8, 8), (1, 2, 3))
+    write_png(tmp_path / "also_loose.jpg", (8, 8), (1, 2, 3))
+    (tmp_path / "dog").mkdir()  # a class with no images
+    for _ in range(2):
+        ensure_available("imagefolder", "data", path=str(tmp_path))
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert lines == [
+        f"warning: imagefolder: 2 image(s) at the top of {tmp_path} (e.g. also_loose.jpg) are "
+        "ignored: with class subfolders only the images inside them are used",
+        f"warning: imagefolder: class folder(s) ['dog'] under {tmp_path} hold no images; those "
+        "labels are never trained",
+    ]
+    ds = build_dataset("imagefolder", path=str(tmp_path), image_size=8)
+    assert len(ds) == 1 and ds.num_classes == 2  # the loose images were indeed ignored
+    flat = tmp_path / "cat"
+    assert data_utils.image_folder_warnings(str(flat)) == []  # no class folders: all are used
+
+
+def test_flip_mask_accepts_the_largest_seed():
+    mask = data_utils.flip_mask(10, 2**63 - 1, epoch=3)
+    assert mask.shape == (10,) and mask.dtype == torch.bool
+    assert torch.equal(data_utils.flip_mask(10, 5, 3), data_utils.flip_mask(10, 5, 3))
 
 
 # --------------------------------------------------------------------------------------------

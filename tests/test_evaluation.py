@@ -292,7 +292,7 @@ def _block_inception_packages(monkeypatch, tmp_path):
 
 def test_inception_without_packages_is_one_line_error(monkeypatch, tmp_path):
     _block_inception_packages(monkeypatch, tmp_path)
-    with pytest.raises(RuntimeError) as err:
+    with pytest.raises(ValueError) as err:
         ev.build_feature_extractor("inception", "digits")
     message = str(err.value)
     assert "\n" not in message
@@ -311,7 +311,7 @@ def test_inception_without_weights_names_the_file(monkeypatch, tmp_path):
     fake.FeatureExtractorInceptionV3 = construct
     monkeypatch.setitem(sys.modules, "torch_fidelity", types.ModuleType("torch_fidelity"))
     monkeypatch.setitem(sys.modules, "torch_fidelity.feature_extractor_inceptionv3", fake)
-    with pytest.raises(RuntimeError) as err:
+    with pytest.raises(ValueError) as err:
         ev.build_feature_extractor("inception", "digits")
     weights = os.path.join(
         str(tmp_path / "hub"), "checkpoints", os.path.basename(fake.URL_INCEPTION_V3)
@@ -337,3 +337,57 @@ def test_inception_extractor_feeds_uint8_rgb(monkeypatch):
     assert seen["images"][0, :, 0, 0].tolist() == [0, 0, 0]
     assert seen["images"][0, 2].flatten().tolist() == [0, 255, 128, 166]
     assert features.shape == (1, 3) and extractor.fingerprint == "inception:fake"
+
+
+# --------------------------------------------------------------------------------------------
+# Checked at start: extractors that cannot work; progress bars
+# --------------------------------------------------------------------------------------------
+
+
+def test_check_feature_extractor_rejects_what_cannot_work(monkeypatch, tmp_path):
+    ev.check_feature_extractor("classifier", "digits", num_samples=64)  # works offline
+    ev.check_feature_extractor("inception", "moons")  # 2-D sets use no extractor
+    with pytest.raises(ValueError) as err:
+        ev.check_feature_extractor("classifier", "imagefolder")
+    message = str(err.value)
+    assert "\n" not in message and "data.name=imagefolder" in message
+    assert "['digits', 'mnist']" in message and "eval.feature_extractor=inception" in message
+    with pytest.raises(ValueError, match=r"sample.num=1 must be >= 2"):
+        ev.check_feature_extractor("classifier", "digits", num_samples=1)
+    with pytest.raises(ValueError, match=r"eval.feature_extractor='vgg' is unknown"):
+        ev.check_feature_extractor("vgg", "digits")
+    _block_inception_packages(monkeypatch, tmp_path)
+    with pytest.raises(ValueError) as err:
+        ev.check_feature_extractor("inception", "cifar10")
+    message = str(err.value)
+    assert "\n" not in message and message.startswith("eval.feature_extractor=inception is")
+    assert "torch_fidelity" in message and "cleanfid" in message
+
+
+def test_check_inception_accepts_a_backend_with_its_weights(monkeypatch, tmp_path):
+    _block_inception_packages(monkeypatch, tmp_path)
+    for name in ("cleanfid", "cleanfid.inception_torchscript", "cleanfid.resize"):
+        monkeypatch.setitem(sys.modules, name, types.ModuleType(name))
+    with pytest.raises(ValueError, match="inception-2015-12-05.pt not found"):
+        ev.check_feature_extractor("inception", "cifar10")
+    (tmp_path / "cleanfid").mkdir()
+    (tmp_path / "cleanfid" / ev.CLEANFID_WEIGHTS_FILE).write_bytes(b"weights")
+    ev.check_feature_extractor("inception", "cifar10")  # clean-fid is usable: no error
+    assert ev.inception_unavailable_reason() is None
+
+
+def test_feature_extraction_shows_progress_only_when_long(monkeypatch):
+    bars = []
+    real_tqdm = ev.tqdm
+
+    def recording_tqdm(iterable, **kwargs):
+        bars.append((kwargs["desc"], kwargs["total"], kwargs["disable"]))
+        return real_tqdm(iterable, **kwargs)
+
+    monkeypatch.setattr(ev, "tqdm", recording_tqdm)
+    extractor = lambda x: x.flatten(1)
+    x = torch.arange(24.0).view(12, 2)
+    features = ev.compute_features(extractor, x, batch_size=2)
+    torch.testing.assert_close(features, x.double())  # same result through the bar
+    ev.compute_features(extractor, x, batch_size=6)
+    assert bars == [("sample features", 6, False), ("sample features", 2, True)]
