@@ -38,7 +38,11 @@ def resolve_wandb_mode(mode):
 
 
 class MetricsLogger:
-    """Appends one JSON object per log event to `run_dir/metrics.jsonl` and mirrors it to wandb."""
+    """Appends one JSON object per log event to `run_dir/metrics.jsonl` and mirrors it to wandb.
+
+    wandb runs silently (no banner, no end-of-run summary, no console capture) unless
+    `verbose_wandb`; its run id is kept so that a resumed run continues the same wandb run.
+    """
 
     def __init__(
         self,
@@ -49,6 +53,7 @@ class MetricsLogger:
         name=None,
         config=None,
         run_id=None,
+        verbose_wandb=False,
     ):
         self.enabled, self.run = enabled, None
         self.path = os.path.join(run_dir, "metrics.jsonl")
@@ -67,6 +72,7 @@ class MetricsLogger:
                 mode=wandb_mode,
                 id=run_id,
                 resume="allow",
+                settings=wandb.Settings(silent=not verbose_wandb, console="off"),
             )
             self.run_id = self.run.id
 
@@ -99,6 +105,43 @@ def read_metrics(run_dir):
         return []
     with open(path) as f:
         return [json.loads(line) for line in f if line.strip()]
+
+
+def save_loss_curve(records, path, keys=("loss",)):
+    """Plot `keys` of the metrics records (dicts with a `step`) against the step, log-scaled y
+    when every value is positive, as a PNG; non-finite values are left out. Returns the path, or
+    None when there is nothing to plot."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    series = {}
+    for key in keys:
+        points = [(r["step"], r[key]) for r in records if _is_finite_number(r.get(key))]
+        if points:
+            series[key] = np.array(points, dtype=np.float64)
+    if not series:
+        return None
+    fig, ax = plt.subplots(figsize=(6, 4), dpi=100)
+    for key, points in series.items():
+        ax.plot(points[:, 0], points[:, 1], label=key, lw=1)
+    if all((points[:, 1] > 0).all() for points in series.values()):
+        ax.set_yscale("log")
+    ax.set_xlabel("step")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    tmp = path + ".tmp.png"
+    fig.savefig(tmp)
+    plt.close(fig)
+    os.replace(tmp, path)
+    return path
+
+
+def _is_finite_number(value):
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
 def progress_bar(total, initial, enabled):

@@ -132,13 +132,26 @@ def test_wandb_mode_resolution(monkeypatch, tmp_path):
         logging_utils.resolve_wandb_mode("loud")
 
 
-def test_wandb_offline_run_is_written(tmp_path):
+def test_wandb_offline_run_is_written_quietly(tmp_path, capfd):
     logger = logging_utils.MetricsLogger(str(tmp_path), True, "offline", "test", "t", {"a": 1})
     logger.log(1, {"loss": 1.0})
     run_id = logger.run_id
     logger.close()
     runs = [d for d in os.listdir(tmp_path / "wandb") if d.startswith("offline-run-")]
     assert len(runs) == 1 and runs[0].endswith(run_id)
+    out, err = capfd.readouterr()
+    assert "wandb" not in (out + err).lower(), out + err  # no banner, no run summary
+
+
+def test_loss_curve_plots_finite_values(tmp_path):
+    records = [{"step": s, "loss": 1.0 / s} for s in range(1, 20)]
+    records.append({"step": 20, "loss": float("nan")})
+    records.append({"step": 21, "eval/fd": 3.0})  # a record without a loss
+    path = logging_utils.save_loss_curve(records, str(tmp_path / "loss.png"))
+    with Image.open(path) as image:
+        assert image.size == (600, 400)
+    assert os.listdir(tmp_path) == ["loss.png"]
+    assert logging_utils.save_loss_curve([{"step": 1, "loss": float("inf")}], "x.png") is None
 
 
 def test_atomic_writes_leave_old_file_on_failure(tmp_path):

@@ -1,0 +1,347 @@
+"""Training throughput: the trainer's step against a bare step of the same network and batch.
+
+    python benchmarks/throughput.py                     # CPU: digits U-Net and 2-D MLP, scaling
+    python benchmarks/throughput.py --gpu               # CUDA: fp32 / bf16 / compile / ... table
+    python benchmarks/throughput.py --presets digits --rounds 5 --steps-per-round 10
+
+Overhead (CPU and GPU): `trainer` is `DiffusionTrainer.train` over a block of steps (data
+loading, per-step noise, time sampling, prediction conversion, clipping, LR schedule, EMA,
+non-finite checks, progress bar and periodic logging; no sampling or saving); `bare` is
+forward + MSE + backward + AdamW step + zero_grad of an identical network on one fixed batch,
+nothing else. Blocks of the two alternate (ABAB...) so that both see the same machine load;
+the median block time per step is reported with the overhead ratio trainer / bare - 1.
+
+GPU (`--gpu`): for the cifar10 U-Net (and the DiT, where `model.name=dit` exists) at batch 128,
+bare steps in fp32 eager, bf16 autocast, torch.compile, channels-last and fused AdamW, with
+images/s and peak memory per GPU and the ratio to fp32 eager.
+
+Scaling (CPU): bare step time and peak memory against batch size and U-Net width, and the
+trainer's step with 2 gloo processes (torchrun) against 1 process at the same global batch.
+Results go to stdout as Markdown tables; paste them into docs/benchmarks.md.
+"""
+
+import argparse
+import copy
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+import torch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+import config as config_lib  # noqa: E402
+import main  # noqa: E402
+import utils  # noqa: E402
+from optimizers import build_optimizer  # noqa: E402
+from trainer import data_info_of  # noqa: E402
+
+
+# ---------------------------------------------------------------------------------------------
+# Parts.
+# ---------------------------------------------------------------------------------------------
+def bench_config(preset, workdir, **overrides):
+    """A preset that trains 'forever' without sampling, saving or evaluation."""
+    c = config_lib.get_config(preset)
+    c.workdir, c.logging.wandb = workdir, "disabled"
+    c.train.steps = 10**9
+    c.train.sample_every = c.train.eval_every = 0
+    c.train.save_every = 10**9
+    for key, value in overrides.items():
+        section, _, field = key.rpartition(".")
+        (c[section] if section else c)[field] = value
+    return c
+
+
+def sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+class BareStep:
+    """forward + MSE + backward + AdamW of `net` on one fixed batch (linear interpolant,
+    velocity target): the least work any training loop must do per step."""
+
+    def __init__(self, net, x0, y, lr, bf16=False, compile=False, channels_last=False, fused=None):
+        self.net = net
+        self.model = torch.compile(net) if compile else net
+        memory_format = torch.channels_last if channels_last else torch.contiguous_format
+        if channels_last:
+            self.net.to(memory_format=memory_format)
+        generator = torch.Generator(x0.device).manual_seed(0)
+        t = torch.rand(x0.shape[0], device=x0.device, generator=generator)
+        x1 = torch.randn(x0.shape, device=x0.device, generator=generator)
+        t_b = t.reshape(-1, *[1] * (x0.dim() - 1))
+        self.x_t = ((1 - t_b) * x0 + t_b * x1).contiguous(memory_format=memory_format)
+        self.target, self.t, self.y = x1 - x0, t, y
+        self.bf16 = bf16
+        if fused is None:
+            self.optimizer = build_optimizer(net, lr)
+        else:
+            impl = {"fused": True} if fused else {"foreach": True}
+            self.optimizer = torch.optim.AdamW(net.parameters(), lr=lr, **impl)
+
+    def __call__(self):
+        with torch.autocast(self.x_t.device.type, torch.bfloat16, enabled=self.bf16):
+            out = self.model(self.x_t, self.t, self.y)
+        loss = (out.float() - self.target).pow(2).mean()
+        loss.backward()
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+
+
+def time_block(fn, steps, device):
+    sync(device)
+    tic = time.perf_counter()
+    for _ in range(steps):
+        fn()
+    sync(device)
+    return (time.perf_counter() - tic) / steps
+
+
+def fixed_batch(trainer):
+    x0, y = next(copy.deepcopy(trainer.loader))
+    return x0, (y if trainer.num_classes else None)
+
+
+def peak_rss_mib():
+    """Peak resident memory of this process so far (Linux reports KiB)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+# ---------------------------------------------------------------------------------------------
+# Trainer overhead.
+# ---------------------------------------------------------------------------------------------
+def overhead(preset, rounds, steps_per_round, device_note, **overrides):
+    """Median seconds per step of the trainer and of a bare step, alternating blocks."""
+    with tempfile.TemporaryDirectory() as workdir:
+        config = bench_config(preset, workdir, **overrides)
+        dist_info = utils.setup_distributed()
+        trainer = main.build_trainer(config, dist_info)
+        utils.seed_everything(0)
+        bare_net = main.build_net(config, data_info_of(trainer.dataset)).to(dist_info.device)
+        bare_net.load_state_dict(trainer.net.state_dict())
+        x0, y = fixed_batch(trainer)
+        bare = BareStep(bare_net, x0, y, config.train.lr)
+
+        def trainer_block():
+            trainer.train(logger_factory(trainer), until=trainer.step + steps_per_round)
+
+        for fn in (trainer_block, bare):  # warm up both
+            time_block(fn, 1 if fn is trainer_block else steps_per_round, dist_info.device)
+        times = {"trainer": [], "bare": []}
+        for _ in range(rounds):
+            times["trainer"].append(time_block(trainer_block, 1, dist_info.device))
+            times["bare"].append(time_block(bare, steps_per_round, dist_info.device))
+        trainer_s = statistics.median(times["trainer"]) / steps_per_round
+        bare_s = statistics.median(times["bare"])
+        n_params = sum(p.numel() for p in trainer.net.parameters())
+        batch = config.train.batch_size
+        return (
+            f"| {preset} ({config.model.name}, {n_params / 1e6:.2f}M) | {batch} | "
+            f"{bare_s * 1e3:.2f} | {trainer_s * 1e3:.2f} | {100 * (trainer_s / bare_s - 1):+.1f} % "
+            f"| {batch / trainer_s:.0f} | {device_note} |"
+        )
+
+
+def logger_factory(trainer):
+    import logging_utils
+
+    return lambda run_id: logging_utils.MetricsLogger(trainer.run_dir, False)
+
+
+# ---------------------------------------------------------------------------------------------
+# GPU variants.
+# ---------------------------------------------------------------------------------------------
+GPU_VARIANTS = {
+    "fp32 eager": {},
+    "bf16 autocast": {"bf16": True},
+    "fp32 + compile": {"compile": True},
+    "bf16 + compile": {"bf16": True, "compile": True},
+    "bf16 + channels-last": {"bf16": True, "channels_last": True},
+    "fp32 + foreach AdamW (not fused)": {"fused": False},
+    "bf16 + compile + channels-last + fused AdamW": {
+        "bf16": True,
+        "compile": True,
+        "channels_last": True,
+        "fused": True,
+    },
+}
+
+
+def gpu_table(preset, batch, steps, overrides):
+    device = torch.device("cuda")
+    with tempfile.TemporaryDirectory() as workdir:
+        config = bench_config(preset, workdir, **overrides)
+        config.train.batch_size = batch
+        from data_utils import ArrayDataset  # noqa: F401  (only the shape is needed below)
+
+        info = {"shape": [3, 32, 32], "num_classes": 0, "kind": "image"}
+        rows, base = [], None
+        for name, options in GPU_VARIANTS.items():
+            if options.get("channels_last") and config.model.name != "unet":
+                continue
+            utils.seed_everything(0)
+            net = main.build_net(config, info).to(device)
+            x0 = torch.randn(batch, *info["shape"], device=device).clamp(-1, 1)
+            step = BareStep(net, x0, None, config.train.lr, **options)
+            time_block(step, 3 if options.get("compile") else 1, device)  # compile / warm up
+            torch.cuda.reset_peak_memory_stats(device)
+            seconds = statistics.median(time_block(step, steps, device) for _ in range(3))
+            peak = torch.cuda.max_memory_allocated(device) / 2**30
+            base = base or seconds
+            rows.append(
+                f"| {preset} {name} | {batch} | {seconds * 1e3:.1f} | {batch / seconds:.0f} | "
+                f"{peak:.2f} | {base / seconds:.2f}x |"
+            )
+            del step, net
+            torch.cuda.empty_cache()
+        return rows
+
+
+# ---------------------------------------------------------------------------------------------
+# CPU scaling.
+# ---------------------------------------------------------------------------------------------
+def bare_seconds(config, batch, steps):
+    info = {"shape": [1, 8, 8], "num_classes": 10, "kind": "image"}
+    utils.seed_everything(0)
+    net = main.build_net(config, info)
+    x0 = torch.rand(batch, 1, 8, 8) * 2 - 1
+    y = torch.randint(0, 10, (batch,))
+    step = BareStep(net, x0, y, 1e-4)
+    time_block(step, 2, torch.device("cpu"))
+    n_params = sum(p.numel() for p in net.parameters())
+    return statistics.median(
+        time_block(step, steps, torch.device("cpu")) for _ in range(3)
+    ), n_params
+
+
+def scaling_rows(steps):
+    rows = []
+    with tempfile.TemporaryDirectory() as workdir:
+        for batch in (16, 64, 256):
+            config = bench_config("digits", workdir)
+            seconds, n = bare_seconds(config, batch, steps)
+            rows.append(
+                f"| digits U-Net, 32 ch ({n / 1e6:.2f}M) | {batch} | {seconds * 1e3:.1f} | "
+                f"{batch / seconds:.0f} |"
+            )
+        for channels in (16, 64):
+            config = bench_config("digits", workdir, **{"model.base_channels": channels})
+            seconds, n = bare_seconds(config, 64, steps)
+            rows.append(
+                f"| digits U-Net, {channels} ch ({n / 1e6:.2f}M) | 64 | {seconds * 1e3:.1f} | "
+                f"{64 / seconds:.0f} |"
+            )
+    return rows
+
+
+def ddp_rows(preset, batch, steps):
+    """Trainer step time with 1 and 2 gloo processes (torchrun) at the same global batch."""
+    rows = []
+    for nproc in (1, 2):
+        command = [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            f"--nproc_per_node={nproc}",
+            os.path.abspath(__file__),
+            "--ddp-worker",
+            "--presets",
+            preset,
+            "--batch",
+            str(batch),
+            "--steps-per-round",
+            str(steps),
+        ]
+        env = {**os.environ, "OMP_NUM_THREADS": str(max(1, torch.get_num_threads() // nproc))}
+        result = subprocess.run(command, capture_output=True, text=True, env=env, cwd=ROOT)
+        line = [x for x in result.stdout.splitlines() if x.startswith("DDP_STEP_S=")]
+        if not line:
+            message = f"torchrun with {nproc} processes failed:\n{result.stderr[-3000:]}"
+            raise RuntimeError(message)
+        seconds = float(line[-1].split("=")[1])
+        rows.append(
+            f"| {preset} | {nproc} | {batch} | {seconds * 1e3:.1f} | {batch / seconds:.0f} |"
+        )
+    return rows
+
+
+def ddp_worker(preset, batch, steps):
+    with tempfile.TemporaryDirectory() as workdir:
+        config = bench_config(preset, workdir, **{"train.batch_size": batch})
+        dist_info = utils.setup_distributed()
+        config.name = f"bench_{dist_info.rank}"  # every rank builds (rank 0 saves nothing)
+        trainer = main.build_trainer(config, dist_info)
+        trainer.train(logger_factory(trainer), until=2)
+        utils.barrier()
+        tic = time.perf_counter()
+        trainer.train(logger_factory(trainer), until=2 + steps)
+        utils.barrier()
+        seconds = (time.perf_counter() - tic) / steps
+        if dist_info.is_main:
+            print(f"DDP_STEP_S={seconds}")
+        utils.cleanup_distributed()
+
+
+# ---------------------------------------------------------------------------------------------
+OVERHEAD_HEADER = (
+    "| preset | batch | bare ms / step | trainer ms / step | overhead | samples / s | device |\n"
+    "| --- | --- | --- | --- | --- | --- | --- |"
+)
+
+
+def main_(args):
+    torch.manual_seed(0)
+    if args.ddp_worker:
+        return ddp_worker(args.presets[0], args.batch, args.steps_per_round)
+    if args.gpu:
+        if not torch.cuda.is_available():
+            sys.exit("error: --gpu needs CUDA")
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+        print(f"device: {torch.cuda.get_device_name()}, torch {torch.__version__}\n")
+        header = "| network, variant | batch | ms / step | images / s | peak GiB | vs fp32 eager |"
+        print(header + "\n| --- | --- | --- | --- | --- | --- |")
+        specs = [("cifar10", {})]
+        if "dit" in main.NETWORKS:
+            dit = {"model.name": "dit", "model.patch_size": 2, "model.width": 384}
+            specs.append(("cifar10", {**dit, "model.depth": 12, "model.num_heads": 6}))
+        for preset, overrides in specs:
+            for row in gpu_table(preset, args.batch or 128, args.steps_per_round, overrides):
+                print(row, flush=True)
+        print("\n" + OVERHEAD_HEADER)
+        print(overhead("cifar10", args.rounds, args.steps_per_round, "cuda"), flush=True)
+        return None
+    print(f"CPU, {torch.get_num_threads()} threads, torch {torch.__version__}\n")
+    print(OVERHEAD_HEADER)
+    for preset in args.presets:
+        print(overhead(preset, args.rounds, args.steps_per_round, "cpu"), flush=True)
+    if args.no_scaling:
+        return None
+    print("\n| network | batch | bare ms / step | samples / s |\n| --- | --- | --- | --- |")
+    for row in scaling_rows(args.steps_per_round):
+        print(row, flush=True)
+    print(f"\npeak resident memory of this process: {peak_rss_mib():.0f} MiB")
+    print("\n| preset | processes | global batch | trainer ms / step | samples / s |")
+    print("| --- | --- | --- | --- | --- |")
+    for row in ddp_rows("digits", 64, args.steps_per_round):
+        print(row, flush=True)
+    return None
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--presets", nargs="+", default=["digits", "checkerboard"])
+    parser.add_argument("--rounds", type=int, default=7)
+    parser.add_argument("--steps-per-round", type=int, default=20)
+    parser.add_argument("--batch", type=int, default=0)
+    parser.add_argument("--gpu", action="store_true")
+    parser.add_argument("--no-scaling", action="store_true")
+    parser.add_argument("--ddp-worker", action="store_true", help=argparse.SUPPRESS)
+    main_(parser.parse_args())
