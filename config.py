@@ -257,6 +257,23 @@ def imagefolder_small():
     return c
 
 
+def with_defaults(saved):
+    """A saved config (nested dict, e.g. from a checkpoint) on top of base_config(), so that keys
+    added to this file since it was written take their defaults."""
+    c = base_config()
+
+    def merge(node, values):
+        for key, value in values.items():
+            if isinstance(value, dict) and isinstance(node.get(key), ConfigDict):
+                merge(node[key], value)
+            else:
+                node[key] = value
+
+    with c.unlocked():
+        merge(c, saved)
+    return c
+
+
 PRESETS = {
     f.__name__: f
     for f in (
@@ -443,8 +460,12 @@ VALUE_RULES = {
     "train.grad_clip": _number_in(0),
     "train.ema_decay": UNIT,
     "train.ema_stds": _tuple_of(
-        POSITIVE_REAL, "a non-empty tuple of finite numbers > 0", min_len=1
+        _number_in(0, 12**-0.5, low_open=True, high_open=True),
+        "a non-empty tuple of relative stds in (0, 0.2887), e.g. (0.05, 0.10)",
+        min_len=1,
     ),
+    "train.ema_snapshot_every": NON_NEGATIVE,
+    "model.mlp_ratio": POSITIVE_REAL,
     "train.log_every": POSITIVE,
     "train.sample_every": NON_NEGATIVE,
     "train.save_every": POSITIVE,
@@ -538,6 +559,23 @@ def _unet_attention_heads(c, world_size):
     return None
 
 
+def _dit_patches(c, world_size):
+    m = c.model
+    if m.name != "dit":
+        return None
+    if c.data.image_size % m.patch_size:
+        return (
+            f"data.image_size={c.data.image_size} is not divisible by model.patch_size="
+            f"{m.patch_size}: choose a patch size that divides the image size"
+        )
+    if m.width % m.num_heads or m.width % 4:
+        return (
+            f"model.width={m.width} must be divisible by model.num_heads={m.num_heads} and by 4 "
+            f"(2-D sin-cos position embedding)"
+        )
+    return None
+
+
 def _time_ranges(c, world_size):
     for section in ("time_sampler", "sample"):
         lo, hi = c[section].t_min, c[section].t_max
@@ -559,6 +597,7 @@ CROSS_CHECKS = (
     _batch_divisible,
     _unet_downsampling,
     _unet_attention_heads,
+    _dit_patches,
     _time_ranges,
     _eval_sample_count,
 )

@@ -1,9 +1,12 @@
 """Entry point: `sh run.sh [FLAGS]` (torchrun) or `python main.py [FLAGS]` (one process).
 
     --config=config.py:PRESET        preset (default: digits); --config.KEY=VALUE overrides
-    --mode=train|sample|info         default train
-    --ckpt=PATH                      checkpoint (or run directory) for sample / info
+    --mode=train|sample|eval|info    default train
+    --ckpt=PATH                      checkpoint (or run directory) for sample / eval / info
     --out=DIR                        where --mode=sample writes samples.npz and a picture
+
+A stop signal (SIGTERM, SIGINT, SIGUSR1, SIGUSR2) ends training after the current step with a
+checkpoint; rerunning the same command resumes. See README "When things go wrong".
 
 Builds the parts (dataset, network, process, time sampler) from the config, checks every choice
 before any work starts, and dispatches the mode.
@@ -15,10 +18,13 @@ import sys
 
 import torch
 from absl import app, flags
-from ml_collections import ConfigDict, config_flags
+from ml_collections import config_flags
 
+import checkpoints
 import config as config_lib
 import data_utils
+import dit
+import ema
 import evaluation
 import logging_utils
 import optimizers
@@ -27,9 +33,10 @@ import sampling
 import time_samplers
 import trainer as trainer_lib
 import utils
+from dit import DiT
 from mlp import MLP
 from processes import GAMMAS, PROCESSES, build_process
-from trainer import DiffusionTrainer, find_latest_checkpoint
+from trainer import DiffusionTrainer, TrainingDiverged
 from unet import UNet
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -48,7 +55,9 @@ def define_flags():
         lock_config=True,
     )
     flags.DEFINE_enum("mode", "train", MODES, "what to do")
-    flags.DEFINE_string("ckpt", None, "checkpoint file or run directory (sample / info modes)")
+    flags.DEFINE_string(
+        "ckpt", None, "checkpoint file or run directory (sample / eval / info modes)"
+    )
     flags.DEFINE_string("out", None, "output directory of --mode=sample")
 
 
@@ -67,6 +76,7 @@ NETWORKS = {
         num_heads=m.num_heads,
         num_classes=num_classes,
         out_channels=out,
+        time_inputs=m.time_inputs,
     ),
     "mlp": lambda m, shape, num_classes, out: MLP(
         shape[0],
@@ -75,6 +85,21 @@ NETWORKS = {
         dropout=m.dropout,
         num_classes=num_classes,
         out_dim=out,
+        time_inputs=m.time_inputs,
+    ),
+    "dit": lambda m, shape, num_classes, out: DiT(
+        shape[0],
+        shape[1],
+        patch_size=m.patch_size,
+        width=m.width,
+        depth=m.depth,
+        num_heads=m.num_heads,
+        mlp_ratio=m.mlp_ratio,
+        num_classes=num_classes,
+        out_channels=out,
+        dropout=m.dropout,
+        pos_embed=m.pos_embed,
+        time_inputs=m.time_inputs,
     ),
 }
 BASES = ("gaussian", *data_utils.TOY_SETS)
@@ -85,6 +110,9 @@ def registry_choices():
     return {
         "data.name": data_utils.DATASETS,
         "model.name": NETWORKS,
+        "model.pos_embed": dit.POSITION_EMBEDDINGS,
+        "model.time_inputs": (1, 2),
+        "train.ema": ema.EMAS,
         "process.name": PROCESSES,
         "process.gamma": GAMMAS,
         "process.base": BASES,
@@ -191,11 +219,16 @@ def resolve_time_ranges(config, process):
         raise ValueError(message)
 
 
-def check_config(config, world_size):
-    """All validation that needs no data: choices, values, combinations, time ranges. Returns
-    the process."""
+def check_config(config, world_size, evaluating=None):
+    """All validation that needs no data: choices, values, combinations, the feature extractor
+    when an evaluation will run (`evaluating`, default: train.eval_every > 0), time ranges.
+    Returns the process."""
     config_lib.validate(config, registry_choices(), world_size)
     check_combinations(config)
+    if config.train.eval_every if evaluating is None else evaluating:
+        evaluation.check_feature_extractor(
+            config.eval.feature_extractor, config.data.name, config.sample.num
+        )
     pc = config.process
     process = build_process(pc.name, gamma=pc.gamma, gamma_scale=pc.gamma_scale)
     resolve_time_ranges(config, process)
@@ -224,10 +257,32 @@ def build_dataset(config, dist_info, train=True):
 # Modes.
 # ---------------------------------------------------------------------------------------------
 def build_trainer(config, dist_info):
-    """Validate the config, build every part, and resume from the newest checkpoint of the run
-    directory if there is one. Returns the trainer."""
+    """Validate the config, lock the run directory, pick the newest good checkpoint and check
+    that the config may resume from it, then build every part and restore (or initialise from
+    train.init_from). Returns the trainer; its `run_lock` is released by `train`."""
+    say = print if dist_info.is_main else (lambda *a, **k: None)
     process = check_config(config, dist_info.world_size)
     run_dir = os.path.join(config.workdir, config.name)
+    run_lock, state, path = None, None, None
+    if dist_info.is_main:
+        run_lock = checkpoints.RunLock(run_dir).acquire()
+        stale = checkpoints.remove_stale_temporaries(run_dir)
+        if stale:
+            say(f"removed {len(stale)} half-written temporary file(s) of a dead run: {stale}")
+        state, path = checkpoints.load_newest_good(run_dir, set_aside=True, warn=say)
+        if state is None and had_corrupt_checkpoints(run_dir):
+            raise ValueError(
+                f"no checkpoint in {run_dir} could be loaded (all renamed to *.corrupt): move a "
+                f"good one back, or start a new run with --config.name=NEW"
+            )
+    path = utils.all_gather_objects(path)[0]  # every rank resumes from rank 0's choice
+    if path is not None and not dist_info.is_main:
+        state = checkpoints.load(path)
+    if state is not None:
+        say(resume_line(config, checkpoints.config_of(state), path, state["step"]))
+        init = None
+    else:
+        init = init_from_state(config.train.init_from)
     dataset = build_dataset(config, dist_info)
     ts = config.time_sampler
     time_sampler = time_samplers.build_time_sampler(
@@ -242,9 +297,12 @@ def build_trainer(config, dist_info):
     trainer = DiffusionTrainer(
         config, net, process, time_sampler, dataset, dist_info, run_dir, eval_dataset
     )
-    latest = find_latest_checkpoint(run_dir)
-    if latest:
-        trainer.load(latest)
+    trainer.run_lock = run_lock
+    if state is not None:
+        trainer.load(state, path)
+    elif init is not None:
+        trainer.init_weights(init[0], config.train.init_from)
+        say(f"initialised model and EMA weights from {init[1]} (train.init_from)")
     if dist_info.is_main:
         os.makedirs(run_dir, exist_ok=True)
         utils.atomic_write_json(config.to_dict(), os.path.join(run_dir, "config.json"))
@@ -252,13 +310,59 @@ def build_trainer(config, dist_info):
     return trainer
 
 
+def had_corrupt_checkpoints(run_dir):
+    """True when run_dir holds checkpoints set aside as corrupt (and so none that loads)."""
+    return any(".pt.corrupt" in f for f in os.listdir(run_dir))
+
+
+def init_from_state(source):
+    """(state, path) of train.init_from (a checkpoint or a run directory), or None when unset."""
+    if not source:
+        return None
+    try:
+        return checkpoints.resolve(source)
+    except ValueError as e:
+        raise ValueError(f"train.init_from: {e}") from None
+
+
+def resume_line(config, saved, path, step):
+    """Check that `config` may resume a run saved with config `saved`; return the one line that
+    says so (with the changed keys it applies). ValueError listing keys that may not change."""
+    mutable, immutable = checkpoints.config_changes(saved, config.to_dict())
+    if immutable:
+        raise ValueError(
+            f"cannot resume {path} with a changed config: "
+            f"{checkpoints.describe_changes(immutable)} (these define the model, data or math): "
+            f"undo the change, or start a new run "
+            f"with --config.name=NEW (add --config.train.init_from={path} to start from its "
+            f"weights)"
+        )
+    line = f"resuming from {path} at step {step}"
+    if mutable:
+        line += f"; applying changed {checkpoints.describe_changes(mutable)}"
+        keys = {key for key, _, _ in mutable}
+        if keys & {"train.steps", "train.lr"} and config.train.lr_schedule != "constant":
+            line += (
+                f" (the {config.train.lr_schedule} lr schedule is re-defined over "
+                f"{config.train.steps} steps and continues at step {step}; warmup is not restarted)"
+            )
+    return line
+
+
 def train(config, overrides, dist_info, until=None):
     """--mode=train: train (or resume) the run ckpts/<name>/; returns the trainer."""
     del overrides  # already applied to `config` by the flags
     trainer = build_trainer(config, dist_info)
+    try:
+        return run_training(trainer, config, dist_info, until)
+    finally:
+        if trainer.run_lock is not None:
+            trainer.run_lock.release()
+
+
+def run_training(trainer, config, dist_info, until):
+    """Train (the loop), then say how it ended: done, or stopped by a signal with a checkpoint."""
     say = print if dist_info.is_main else (lambda *a, **k: None)
-    if trainer.step:
-        say(f"resumed from {find_latest_checkpoint(trainer.run_dir)} at step {trainer.step}")
     n_params = sum(p.numel() for p in trainer.net.parameters())
     dataset, process = trainer.dataset, trainer.process
     say(
@@ -279,12 +383,20 @@ def train(config, overrides, dist_info, until=None):
             config.name,
             config.to_dict(),
             run_id,
+            verbose_wandb=config.logging.wandb_verbose,
         )
 
     if trainer.step >= config.train.steps:
         say(f"nothing to do: step {trainer.step} >= train.steps={config.train.steps}")
     else:
         trainer.train(logger_factory, until)
+    if trainer.stopped:
+        reason, path = trainer.stopped
+        say(
+            f"stopped by {reason} at step {trainer.step}; checkpoint {path}; rerun the same "
+            f"command to resume"
+        )
+        return trainer
     grids = sorted(f for f in os.listdir(trainer.run_dir) if f.startswith("samples_"))
     if grids:
         say(f"done: step {trainer.step}; samples in {os.path.join(trainer.run_dir, grids[-1])}")
@@ -301,25 +413,16 @@ def truncate_metrics(run_dir, step):
 
 
 def load_checkpoint(path):
-    """(state, config) of a checkpoint file or of the newest checkpoint in a run directory."""
-    if path is None:
-        raise ValueError("--ckpt is required in this mode: a checkpoint file or a run directory")
-    if os.path.isdir(path):
-        found = find_latest_checkpoint(path)
-        if found is None:
-            raise ValueError(f"--ckpt={path}: no ckpt_*.pt in this directory")
-        path = found
-    if not os.path.isfile(path):
-        raise ValueError(f"--ckpt={path}: no such file")
-    state = torch.load(path, map_location="cpu", weights_only=False)
-    return state, path
+    """(state, path) of a checkpoint file or of the newest good checkpoint in a run directory,
+    loaded safely (never runs code from the file); one line for anything else."""
+    return checkpoints.resolve(path, warn=lambda line: print(line, file=sys.stderr))
 
 
 def checkpoint_config(state, overrides):
     """The checkpoint's config with the command line's --config.sample.* / eval.* overrides.
 
     The sampling time range is re-resolved for the sampler now asked for, unless given."""
-    config = ConfigDict(state["config"])
+    config = config_lib.with_defaults(checkpoints.config_of(state))
     for key, value in overrides.items():
         if not key.startswith(("sample.", "eval.", "logging.")):
             raise ValueError(
@@ -338,7 +441,7 @@ def load_for_sampling(config_overrides, dist_info):
     """(config, process, EMA-or-raw net, data_info, num_classes, state, path) of --ckpt."""
     state, path = load_checkpoint(FLAGS.ckpt)
     config = checkpoint_config(state, config_overrides)
-    process = check_config(config, dist_info.world_size)
+    process = check_config(config, dist_info.world_size, evaluating=FLAGS.mode == "eval")
     info = state["data_info"]
     net = build_net(config, info).to(dist_info.device)
     net.load_state_dict(state["ema"]["model"] if config.sample.use_ema else state["model"])
@@ -414,7 +517,7 @@ def info(config, config_overrides, dist_info):
     state, path = load_checkpoint(FLAGS.ckpt)
     if not dist_info.is_main:
         return
-    config = ConfigDict(state["config"])
+    config = config_lib.with_defaults(checkpoints.config_of(state))
     n_params = sum(v.numel() for v in state["model"].values())
     summary = {
         "checkpoint": path,
@@ -429,6 +532,8 @@ def info(config, config_overrides, dist_info):
         "sampler": f"{config.sample.solver}, {config.sample.steps} steps",
         "world_size": state["world_size"],
         "wandb_run_id": state["run_id"],
+        "healthy": state["healthy"],
+        "skipped_steps": state.get("skipped_steps", 0),
         "last_metrics": state.get("metrics", {}),
     }
     print(json.dumps(summary, indent=2))
@@ -440,34 +545,101 @@ MODE_FNS = {"train": train, "sample": sample, "eval": evaluate, "info": info}
 # ---------------------------------------------------------------------------------------------
 # Flags.
 # ---------------------------------------------------------------------------------------------
+def is_first_rank():
+    """True on rank 0 (and outside torchrun): only it prints the `error:` line."""
+    return int(os.environ.get("RANK", "0")) == 0
+
+
+def fail(message):
+    """Exit with status 1 after one line `error: MESSAGE` on stderr (rank 0 only, so that a
+    multi-process launch prints it once)."""
+    if is_first_rank():
+        print(f"error: {message}", file=sys.stderr, flush=True)
+    sys.exit(1)
+
+
 def check_argv(argv):
-    """Reject unknown --config.KEY flags with one line before absl parses them."""
-    preset = None
+    """Reject a missing config file and unknown --config.KEY flags with one line before absl
+    parses them."""
+    config_arg = None
     for arg in argv[1:]:
-        if arg.startswith("--config=") and ":" in arg:
-            preset = arg.split(":", 1)[1]
+        if arg.startswith("--config="):
+            config_arg = arg.split("=", 1)[1]
+    path, _, preset = (config_arg or "config.py").partition(":")
+    if not os.path.isfile(path):
+        fail(
+            f"--config={config_arg}: no such config file; use --config=config.py:PRESET with a "
+            f"preset of {sorted(config_lib.PRESETS)}"
+        )
+    if os.path.abspath(path) != os.path.join(HERE, "config.py"):
+        return  # the user's own config file: absl and ml_collections check it
     try:
-        base = config_lib.get_config(preset)
+        base = config_lib.get_config(preset or None)
     except ValueError as e:
-        sys.exit(f"error: {e}")
+        fail(e)
     for arg in argv[1:]:
         if arg.startswith("--config."):
             key = arg[len("--config.") :].split("=", 1)[0]
             message = config_lib.unknown_key_error(base, key)
             if message:
-                sys.exit(f"error: {message}")
+                fail(message)
+
+
+def parse_flags(argv):
+    """absl's parsing, with a bad value (`--config.train.steps=abc`) as one line."""
+    try:
+        return FLAGS(argv)
+    except flags.Error as e:
+        fail(str(e).removeprefix("flag "))
+
+
+def check_mode_flags():
+    """Flags that do not fit the mode, and an unusable --out: one line before any work."""
+    if FLAGS.mode == "train" and FLAGS.ckpt:
+        raise ValueError(
+            f"--ckpt is not used by --mode=train (which resumes from its own run directory); to "
+            f"start a new run from the weights of {FLAGS.ckpt}, pass "
+            f"--config.train.init_from={FLAGS.ckpt}"
+        )
+    if FLAGS.out is not None:
+        if FLAGS.mode != "sample":
+            raise ValueError(f"--out is only used by --mode=sample (not --mode={FLAGS.mode})")
+        if os.path.exists(FLAGS.out) and not os.path.isdir(FLAGS.out):
+            raise ValueError(f"--out={FLAGS.out} is a file; give a directory (created if absent)")
+        parent = FLAGS.out if os.path.isdir(FLAGS.out) else existing_parent(FLAGS.out)
+        if not os.access(parent, os.W_OK | os.X_OK):
+            raise ValueError(f"--out={FLAGS.out}: {parent} is not writable")
+
+
+def existing_parent(path):
+    """The nearest existing ancestor folder of `path`."""
+    path = os.path.dirname(os.path.abspath(path))
+    while not os.path.isdir(path):
+        path = os.path.dirname(path)
+    return path
+
+
+def os_error_line(e):
+    """One line for a failed file operation (disk full, read-only, permissions)."""
+    where = e.filename if e.filename else "a file"
+    return f"{where}: {e.strerror or e} (check free space and permissions there; rerun resumes)"
 
 
 def main(argv):
     del argv
     overrides = config_flags.get_override_values(FLAGS["config"])
+    if "TORCHELASTIC_RUN_ID" in os.environ:  # under torchrun: stop if the launcher dies
+        utils.die_with_parent()
     dist_info = utils.setup_distributed()
     torch.backends.cuda.matmul.allow_tf32 = True
     torch.backends.cudnn.allow_tf32 = True
     try:
+        check_mode_flags()
         MODE_FNS[FLAGS.mode](FLAGS.config, overrides, dist_info)
-    except (ValueError, FileNotFoundError) as e:
-        sys.exit(f"error: {e}")
+    except (ValueError, TrainingDiverged) as e:
+        fail(e)
+    except OSError as e:  # includes FileNotFoundError and PermissionError
+        fail(os_error_line(e))
     finally:
         utils.cleanup_distributed()
 
@@ -475,4 +647,4 @@ def main(argv):
 if __name__ == "__main__":
     check_argv(sys.argv)
     define_flags()
-    app.run(main)
+    app.run(main, flags_parser=parse_flags)

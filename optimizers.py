@@ -1,5 +1,7 @@
 """Optimizer, learning-rate schedule and gradient clipping."""
 
+import math
+
 import torch
 from torch.optim import lr_scheduler
 
@@ -18,37 +20,60 @@ def param_groups(model, weight_decay):
 
 
 def build_optimizer(model, lr, weight_decay=0.0, betas=(0.9, 0.999), eps=1e-8):
-    """AdamW: fused on CUDA, the multi-tensor (foreach) implementation elsewhere."""
-    on_cuda = all(p.is_cuda for p in model.parameters())
+    """Fused AdamW (CUDA and CPU kernels). Setting `optimizer.found_inf` to a 0-dim tensor that
+    is 1 makes `step()` a no-op on device, without a host sync: parameters, moments and the
+    step count stay as they were (GradScaler's mechanism); the trainer uses it to skip
+    non-finite steps."""
     groups = param_groups(model, weight_decay)
-    kind = {"fused": True} if on_cuda else {"foreach": True}
-    return torch.optim.AdamW(groups, lr=lr, betas=tuple(betas), eps=eps, **kind)
+    return torch.optim.AdamW(groups, lr=lr, betas=tuple(betas), eps=eps, fused=True)
 
 
-# After warmup: name -> fn(optimizer, decay_steps, min_lr) -> torch scheduler.
+# After warmup: name -> f(k, decay_steps, min_ratio), the lr multiplier k steps into the decay.
 LR_SCHEDULES = {
-    "constant": lambda opt, steps, min_lr: lr_scheduler.ConstantLR(opt, 1.0, total_iters=0),
-    "cosine": lambda opt, steps, min_lr: lr_scheduler.CosineAnnealingLR(opt, steps, min_lr),
-    "linear": lambda opt, steps, min_lr: lr_scheduler.LinearLR(
-        opt, 1.0, max(min_lr / opt.param_groups[0]["lr"], 1e-8), total_iters=steps
-    ),
+    "constant": lambda k, steps, r: 1.0,
+    "cosine": lambda k, steps, r: r + (1.0 - r) * (1.0 + math.cos(math.pi * k / steps)) / 2.0,
+    "linear": lambda k, steps, r: 1.0 - (1.0 - r) * k / steps,
 }
 
 
-def build_scheduler(optimizer, schedule, total_steps, warmup_steps=0, min_lr_ratio=0.0):
-    """Linear warmup from ~0 over `warmup_steps`, then `schedule` until `total_steps`:
-    constant, cosine or linear decay to `min_lr_ratio * lr`. Stepped once per optimizer step."""
+def lr_multiplier(step, schedule, total_steps, warmup_steps=0, min_lr_ratio=0.0):
+    """lr(step) / lr: (step + 1) / warmup_steps during warmup, then `schedule` over the
+    remaining `total_steps - warmup_steps` steps (min_lr_ratio from the last step on)."""
+    if step < warmup_steps:
+        return (step + 1) / warmup_steps
+    decay_steps = max(1, total_steps - warmup_steps)
+    k = min(step - warmup_steps, decay_steps)
+    return LR_SCHEDULES[schedule](k, decay_steps, min_lr_ratio)
+
+
+def build_scheduler(
+    optimizer, schedule, total_steps, warmup_steps=0, min_lr_ratio=0.0, start_step=0
+):
+    """Linear warmup from lr / warmup_steps over `warmup_steps`, then `schedule` until
+    `total_steps`: constant, cosine or linear decay to `min_lr_ratio * lr`. Stepped once per
+    optimizer step. The lr is a closed-form function of the step, so a scheduler built with
+    `start_step=s` is exactly where one stepped s times is; a resumed run rebuilds it from its
+    config, so a changed train.lr or train.steps takes effect at once: the schedule is re-defined
+    over the new total and continues at the current step (warmup is not restarted).
+
+    The base lr is each param group's `initial_lr` (its `lr` when it has none).
+    """
     if schedule not in LR_SCHEDULES:
         choices = sorted(LR_SCHEDULES)
         raise ValueError(f"train.lr_schedule={schedule!r} is unknown; valid choices: {choices}")
-    decay_steps = max(1, total_steps - warmup_steps)
-    min_lr = optimizer.param_groups[0]["lr"] * min_lr_ratio
-    after = LR_SCHEDULES[schedule](optimizer, decay_steps, min_lr)
-    if warmup_steps <= 1:
-        return after
-    # lr * (k + 1) / warmup_steps at steps k = 0 .. warmup_steps - 1, then the decay schedule
-    warmup = lr_scheduler.LinearLR(optimizer, 1.0 / warmup_steps, 1.0, total_iters=warmup_steps - 1)
-    return lr_scheduler.SequentialLR(optimizer, [warmup, after], milestones=[warmup_steps])
+
+    def multiplier(step):
+        return lr_multiplier(step, schedule, total_steps, warmup_steps, min_lr_ratio)
+
+    for group in optimizer.param_groups:
+        group.setdefault("initial_lr", group["lr"])
+    scheduler = lr_scheduler.LambdaLR(optimizer, multiplier)
+    if start_step:
+        scheduler.last_epoch, scheduler._step_count = start_step, start_step + 1
+        for group, base in zip(optimizer.param_groups, scheduler.base_lrs, strict=True):
+            group["lr"] = base * multiplier(start_step)
+        scheduler._last_lr = [group["lr"] for group in optimizer.param_groups]
+    return scheduler
 
 
 def clip_gradients(model, max_norm):

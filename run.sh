@@ -3,7 +3,12 @@
 # machine. Every flag is passed through to main.py, e.g.
 #   sh run.sh --config=config.py:checkerboard --config.train.steps=2000
 # Launch overrides (multi-node: run the same command on every node with its NODE_RANK):
-#   NPROC (processes on this node), NNODES, NODE_RANK, MASTER_ADDR, MASTER_PORT.
+#   NPROC (processes on this node), NNODES, NODE_RANK, MASTER_ADDR, MASTER_PORT;
+#   SHUTDOWN_TIMEOUT: seconds the workers get to checkpoint after a stop signal (default 120).
+# SIGTERM, SIGINT, SIGUSR1 or SIGUSR2 to this script (or its process group) is forwarded to the
+# workers: they finish the current step, save a checkpoint and exit 0; rerun to resume. Workers
+# stop the same way when the launcher dies (even by SIGKILL). torchrun runs through utils.py,
+# which keeps torchrun's own tracebacks out of the way: a mistake prints one `error:` line.
 set -e
 cd "$(dirname "$0")"
 PY=${PYTHON:-python3}
@@ -12,9 +17,10 @@ if [ -z "$NPROC" ]; then
   NPROC=$($PY -c "import torch; print(max(1, torch.cuda.device_count()))")
 fi
 NNODES=${NNODES:-1}
+LAUNCH="--signals-to-handle=SIGTERM,SIGINT,SIGUSR1,SIGUSR2 --shutdown-timeout=${SHUTDOWN_TIMEOUT:-120}"
 if [ "$NNODES" = 1 ] && [ -z "$MASTER_ADDR" ] && [ -z "$MASTER_PORT" ]; then
-  exec $PY -m torch.distributed.run --standalone --nproc_per_node="$NPROC" main.py "$@"
+  exec $PY utils.py $LAUNCH --standalone --nproc_per_node="$NPROC" main.py "$@"
 fi
-exec $PY -m torch.distributed.run --nproc_per_node="$NPROC" --nnodes="$NNODES" \
+exec $PY utils.py $LAUNCH --nproc_per_node="$NPROC" --nnodes="$NNODES" \
   --node_rank="${NODE_RANK:-0}" --master_addr="${MASTER_ADDR:-127.0.0.1}" \
   --master_port="${MASTER_PORT:-29500}" main.py "$@"

@@ -6,7 +6,9 @@ One optimizer step (read `train_step` and `loss` top to bottom):
   -> x_t = alpha(t) x0 + sigma(t) x1 (+ gamma(t) z) -> out = net(x_t * input_scale(t), t, y)
   -> (pred, target) = prediction conversion -> MSE (+ MSE of the z-denoiser)
   -> backward (accumulated over micro-batches, DDP sync only on the last) -> clip
-  -> optimizer + LR step -> EMA -> occasional log / sample / eval / save.
+  -> one all-reduce of two flags (non-finite loss / grad norm on any rank; stop requested on
+  any rank) -> optimizer + LR step -> EMA, both no-ops on device for a non-finite step
+  -> occasional log / sample / eval / save; a stop request ends the loop with a checkpoint.
 
 Randomness: the times, base samples, latents and label dropout of a step are drawn for the
 GLOBAL batch from a generator seeded by (seed, step), and each rank takes its rows (row W * i + r
@@ -17,9 +19,9 @@ the per-rank torch RNG (seeded by seed + rank), saved in every checkpoint.
 """
 
 import contextlib
-import glob
+import json
 import os
-import re
+import statistics
 import time
 
 import numpy as np
@@ -27,27 +29,35 @@ import torch
 from scipy.optimize import linear_sum_assignment
 from torch.nn.parallel import DistributedDataParallel
 
+import checkpoints
 import data_utils
 import evaluation
 import logging_utils
 import prediction
 import sampling
 import utils
-from ema import EMA
+from ema import build_ema, save_snapshot_if_due
 from optimizers import build_optimizer, build_scheduler, clip_gradients
 from processes import bcast
 
-CKPT_PATTERN = re.compile(r"ckpt_(\d+)\.pt$")
+# Divergence guard: a log window whose mean loss exceeds DIVERGENCE_FACTOR x the median of the
+# last DIVERGENCE_WINDOW healthy windows (once there are DIVERGENCE_MIN_HISTORY of them) marks
+# the state as diverged: checkpoints written then are flagged unhealthy and never make pruning
+# remove the newest healthy checkpoint. Diffusion losses fall or stay flat over training; a
+# tenfold jump of a window mean over the recent median is a blow-up, not noise.
+DIVERGENCE_FACTOR = 10.0
+DIVERGENCE_WINDOW = 50
+DIVERGENCE_MIN_HISTORY = 5
+# Host reads of the per-step flags (stop agreed, consecutive skipped steps): every step on the
+# CPU (free), every few steps on accelerators (a read is a host sync).
+POLL_EVERY = {"cpu": 1}
+POLL_EVERY_DEFAULT = 10
+
+find_latest_checkpoint = checkpoints.find_latest
 
 
-def find_latest_checkpoint(run_dir):
-    """Path of the checkpoint with the highest step in run_dir, or None."""
-    found = [
-        (int(m.group(1)), p)
-        for p in glob.glob(os.path.join(run_dir, "ckpt_*.pt"))
-        if (m := CKPT_PATTERN.search(p))
-    ]
-    return max(found)[1] if found else None
+class TrainingDiverged(FloatingPointError):
+    """Too many consecutive non-finite steps, or non-finite weights at a save."""
 
 
 class DiffusionTrainer:
@@ -69,11 +79,9 @@ class DiffusionTrainer:
         self.class_dropout = config.model.class_dropout if self.num_classes else 0.0
 
         self.net = net.to(self.device)  # the raw module: its weights are what we save
-        self.ema = EMA(self.net, c.ema_decay)
+        self.ema = build_ema(c.ema, self.net, c.ema_decay, c.ema_stds)
         self.optimizer = build_optimizer(self.net, c.lr, c.weight_decay, c.betas, c.adam_eps)
-        self.scheduler = build_scheduler(
-            self.optimizer, c.lr_schedule, c.steps, c.warmup_steps, c.min_lr_ratio
-        )
+        self.scheduler = self.build_scheduler(start_step=0)
         model = torch.compile(self.net) if c.compile else self.net
         if dist_info.world_size > 1:
             device_ids = [self.device.index] if self.device.type == "cuda" else None
@@ -94,6 +102,20 @@ class DiffusionTrainer:
         self.step = 0
         self.run_id = None
         self.last_metrics = {}
+        # Non-finite steps, counted on device (no host sync): total, current run, longest run.
+        zero = torch.zeros((), device=self.device)
+        self.skipped_steps, self.bad_run, self.longest_bad_run = zero, zero.clone(), zero.clone()
+        self.loss_history = []  # mean losses of healthy log windows (divergence guard)
+        self.diverged = False
+        self.last_healthy_ckpt = None  # protected from pruning
+        self.poll_every = POLL_EVERY.get(self.device.type, POLL_EVERY_DEFAULT)
+        self.stopped = None  # (reason, checkpoint path) after a stop signal
+
+    def build_scheduler(self, start_step):
+        c = self.config.train
+        return build_scheduler(
+            self.optimizer, c.lr_schedule, c.steps, c.warmup_steps, c.min_lr_ratio, start_step
+        )
 
     # -----------------------------------------------------------------------------------------
     # One step.
@@ -142,9 +164,12 @@ class DiffusionTrainer:
             loss = loss + (eta_z - z).pow(2).mean()
         return loss
 
-    def train_step(self):
-        """One optimizer step over `grad_accum` micro-batches; returns (loss, grad_norm) as
-        0-dim device tensors (no host sync)."""
+    def train_step(self, stop_requested=False):
+        """One optimizer step over `grad_accum` micro-batches. Returns (loss, grad_norm, skipped,
+        stop) as 0-dim device tensors (no host sync): `skipped` is 1 when the loss or the
+        gradient norm was non-finite on any rank, and then the step changed no weight,
+        optimizer moment or EMA; `stop` is 1 when any rank had `stop_requested`. Both come from
+        one all-reduce of two flags, so every rank takes the same decisions."""
         self.model.train()
         t_all, x1_all, z_all, drop_all = self.draw_step_noise()
         rank = self.dist.rank
@@ -164,12 +189,21 @@ class DiffusionTrainer:
                 loss.backward()
             loss_sum += loss.detach()
         grad_norm = clip_gradients(self.net, self.config.train.grad_clip)
+        local_bad = ~(torch.isfinite(loss_sum) & torch.isfinite(grad_norm))
+        skipped, stop = utils.any_rank([local_bad, stop_requested], self.device)
+        self.optimizer.found_inf = skipped  # fused AdamW: no update at all when 1
         self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
-        self.ema.update(self.net)
+        self.ema.update(self.net, keep=1.0 - skipped)  # no EMA step when skipped
+        self.count_skipped(skipped)
         self.step += 1
-        return loss_sum, grad_norm
+        return loss_sum, grad_norm, skipped, stop
+
+    def count_skipped(self, skipped):
+        self.skipped_steps = self.skipped_steps + skipped
+        self.bad_run = (self.bad_run + skipped) * skipped
+        self.longest_bad_run = torch.maximum(self.longest_bad_run, self.bad_run)
 
     def autocast(self):
         if self.autocast_dtype is None:
@@ -182,46 +216,113 @@ class DiffusionTrainer:
     def train(self, logger_factory, until=None):
         """Train from self.step to train.steps (or to step `until`, as if interrupted there).
         `logger_factory(run_id)` makes the metrics logger (after a resume, so that wandb
-        continues the same run)."""
+        continues the same run).
+
+        A stop signal (utils.STOP_SIGNALS) or the launcher's death ends the run after the
+        current step with a checkpoint: `self.stopped` = (reason, path). Too many consecutive
+        non-finite steps raise TrainingDiverged (checked every `poll_every` steps); checkpoints
+        written during a run of skipped steps are marked unhealthy, and the newest healthy one
+        is never pruned."""
         c = self.config.train
         until = self.steps if until is None else min(until, self.steps)
         logger = logger_factory(self.run_id)
         self.run_id = logger.run_id
         bar = logging_utils.progress_bar(self.steps, self.step, self.dist.is_main)
-        loss_acc, norm_acc, n_acc = torch.zeros((), device=self.device), 0.0, 0
-        tic, step_at_tic = time.time(), self.step
-        while self.step < until:
-            loss, grad_norm = self.train_step()
-            loss_acc += loss
-            norm_acc = norm_acc + grad_norm.detach()
-            n_acc += 1
-            bar.update(1)
-            if self.step % c.log_every == 0 or self.step == self.steps:
-                elapsed = time.time() - tic
-                metrics = {
-                    "loss": utils.all_reduce_mean(loss_acc / n_acc).item(),
-                    "grad_norm": utils.all_reduce_mean(norm_acc / n_acc).item(),
-                    "lr": self.scheduler.get_last_lr()[0],
-                    "steps_per_sec": (self.step - step_at_tic) / max(elapsed, 1e-9),
-                }
-                metrics["samples_per_sec"] = metrics["steps_per_sec"] * c.batch_size
-                self.last_metrics = metrics
-                logger.log(self.step, metrics)
-                bar.set_postfix(loss=f"{metrics['loss']:.4f}", lr=f"{metrics['lr']:.2e}")
-                loss_acc.zero_()
-                norm_acc, n_acc = 0.0, 0
-                tic, step_at_tic = time.time(), self.step
-            if c.sample_every and self.step % c.sample_every == 0 or self.step == self.steps:
-                path = self.save_samples()
-                if path:
-                    logger.log_image(self.step, "samples", path)
-            if c.eval_every and self.step % c.eval_every == 0:
-                metrics = self.evaluate()
-                logger.log(self.step, {f"eval/{k}": v for k, v in metrics.items()})
-            if self.step % c.save_every == 0 or self.step == self.steps:
-                self.save()
-        bar.close()
-        logger.close()
+        zero = torch.zeros((), device=self.device)
+        loss_acc, norm_acc, good_acc = zero.clone(), zero.clone(), zero.clone()
+        tic, step_at_tic, skipped_at_log = time.time(), self.step, int(self.skipped_steps.item())
+        watch_parent = "TORCHELASTIC_RUN_ID" in os.environ  # launched by torchrun
+        stop = utils.StopRequest().install()
+        try:
+            while self.step < until:
+                loss, grad_norm, skipped, stop_flag = self.train_step(stop.requested(watch_parent))
+                keep = 1.0 - skipped
+                loss_acc += torch.where(keep > 0, loss, 0.0)
+                norm_acc += torch.where(keep > 0, grad_norm.detach(), 0.0)
+                good_acc += keep
+                bar.update(1)
+                if self.step % self.poll_every == 0 or self.step == until:
+                    self.check_bad_steps()
+                if self.step % c.log_every == 0 or self.step == self.steps:
+                    good = good_acc.item()
+                    metrics = {
+                        "loss": self.window_mean(loss_acc, good),
+                        "grad_norm": self.window_mean(norm_acc, good),
+                        "lr": self.scheduler.get_last_lr()[0],
+                        "steps_per_sec": (self.step - step_at_tic) / max(time.time() - tic, 1e-9),
+                        "skipped_steps": int(self.skipped_steps.item()),
+                    }
+                    metrics["samples_per_sec"] = metrics["steps_per_sec"] * c.batch_size
+                    self.report_skipped(metrics["skipped_steps"] - skipped_at_log, step_at_tic)
+                    self.check_divergence(metrics["loss"])
+                    self.last_metrics = metrics
+                    logger.log(self.step, metrics)
+                    if metrics["loss"] is not None:
+                        bar.set_postfix(loss=f"{metrics['loss']:.4f}", lr=f"{metrics['lr']:.2e}")
+                    loss_acc.zero_(), norm_acc.zero_(), good_acc.zero_()
+                    tic, step_at_tic = time.time(), self.step
+                    skipped_at_log = metrics["skipped_steps"]
+                if (self.step % self.poll_every == 0 or self.step == until) and stop_flag.item():
+                    self.stopped = (stop.reason or "a signal to another rank", self.save())
+                    break
+                if c.sample_every and self.step % c.sample_every == 0 or self.step == self.steps:
+                    path = self.save_samples()
+                    if path:
+                        logger.log_image(self.step, "samples", path)
+                if c.eval_every and self.step % c.eval_every == 0:
+                    metrics = self.evaluate()
+                    logger.log(self.step, {f"eval/{k}": v for k, v in metrics.items()})
+                if self.step % c.save_every == 0 or self.step == self.steps:
+                    self.save()
+                if self.dist.is_main:  # power EMA: snapshots for post-hoc reconstruction
+                    save_snapshot_if_due(self.ema, self.run_dir, c.ema_snapshot_every)
+        finally:
+            stop.restore()
+            bar.close()
+            logger.close()
+
+    def window_mean(self, total, count):
+        """Mean over the healthy steps of a log window (None when every step was skipped)."""
+        return utils.all_reduce_mean(total).item() / count if count else None
+
+    def check_bad_steps(self):
+        """Raise TrainingDiverged after train.max_bad_steps consecutive non-finite steps."""
+        limit = self.config.train.max_bad_steps
+        longest = int(self.longest_bad_run.item())
+        self.longest_bad_run.zero_()
+        if limit and longest >= limit:
+            raise TrainingDiverged(
+                f"stopped at step {self.step}: {longest} consecutive non-finite steps "
+                f"(train.max_bad_steps={limit}), none of which changed the weights; the last "
+                f"healthy checkpoint is {self.last_healthy_ckpt or 'none'}: lower "
+                f"--config.train.lr (allowed on resume) or check the data, then rerun"
+            )
+
+    def report_skipped(self, count, since):
+        if count and self.dist.is_main:
+            print(
+                f"warning: {count} non-finite step(s) between steps {since + 1} and {self.step} "
+                f"skipped (no weight, optimizer or EMA update)"
+            )
+
+    def check_divergence(self, loss):
+        """Update self.diverged from a log window's mean loss (see DIVERGENCE_FACTOR)."""
+        if loss is None:
+            return
+        recent = self.loss_history[-DIVERGENCE_WINDOW:]
+        median = statistics.median(recent) if len(recent) >= DIVERGENCE_MIN_HISTORY else None
+        if median is not None and loss > DIVERGENCE_FACTOR * median:
+            if not self.diverged and self.dist.is_main:
+                print(
+                    f"warning: loss {loss:.4g} at step {self.step} is over "
+                    f"{DIVERGENCE_FACTOR:g}x the recent median {median:.4g}: the run looks "
+                    f"diverged; checkpoints from now on are marked unhealthy and the last "
+                    f"healthy one ({self.last_healthy_ckpt}) is kept"
+                )
+            self.diverged = True
+            return
+        self.diverged = False
+        self.loss_history = (self.loss_history + [loss])[-DIVERGENCE_WINDOW:]
 
     # -----------------------------------------------------------------------------------------
     # Sampling (all ranks share the work; rank 0 writes).
@@ -268,12 +369,16 @@ class DiffusionTrainer:
             return None
         stem = os.path.join(self.run_dir, f"samples_{self.step:07d}")
         reference = self.dataset.x[: len(x)] if self.dataset.kind == "points" else None
+        logging_utils.save_loss_curve(
+            logging_utils.read_metrics(self.run_dir), os.path.join(self.run_dir, "loss.png")
+        )
         return write_samples(x, labels, self.dataset.kind, stem, reference)
 
     # -----------------------------------------------------------------------------------------
     # Checkpoints.
     # -----------------------------------------------------------------------------------------
-    def state_dict(self, rng_states):
+    def state_dict(self, rng_states, healthy):
+        """Everything to continue exactly, in types torch.load(weights_only=True) accepts."""
         return {
             "step": self.step,
             "model": self.net.state_dict(),
@@ -283,42 +388,57 @@ class DiffusionTrainer:
             "loader": self.loader.state_dict(),
             "rng": rng_states,
             "world_size": self.dist.world_size,
-            "config": self.config.to_dict(),
+            "config": json.dumps(self.config.to_dict()),
             "data_info": data_info_of(self.dataset),
             "run_id": self.run_id,
             "metrics": self.last_metrics,
+            "healthy": healthy,
+            "skipped_steps": int(self.skipped_steps.item()),
+            "loss_history": list(self.loss_history),
         }
 
     def save(self):
-        """Write ckpt_<step>.pt atomically (rank 0), keep the newest `keep_ckpts`. Refuses to
-        write non-finite weights."""
+        """Write ckpt_<step>.pt atomically (rank 0) and prune to the newest `keep_ckpts` (plus
+        the newest healthy one, if older). Refuses to write non-finite weights. A checkpoint is
+        healthy unless the run looks diverged or the last step was skipped. Returns the path."""
         rng_states = utils.all_gather_objects(utils.get_rng_state())
+        path = checkpoints.checkpoint_path(self.run_dir, self.step)
         if not self.dist.is_main:
             utils.barrier()
-            return None
+            return path
         if not all(torch.isfinite(p).all() for p in self.net.parameters()):
-            raise FloatingPointError(f"non-finite weights at step {self.step}: not saving")
-        path = os.path.join(self.run_dir, f"ckpt_{self.step:07d}.pt")
-        utils.atomic_torch_save(self.state_dict(rng_states), path)
+            raise TrainingDiverged(f"non-finite weights at step {self.step}: not saving")
+        healthy = not self.diverged and self.bad_run.item() == 0
+        checkpoints.save(self.state_dict(rng_states, healthy), path)
+        if healthy:
+            self.last_healthy_ckpt = path
         self.prune_checkpoints()
         utils.barrier()
         return path
 
     def prune_checkpoints(self):
-        paths = sorted(glob.glob(os.path.join(self.run_dir, "ckpt_*.pt")))
+        paths = [p for _, p in checkpoints.list_checkpoints(self.run_dir)]
+        protected = os.path.basename(self.last_healthy_ckpt or "")
         for old in paths[: max(0, len(paths) - self.config.train.keep_ckpts)]:
-            os.remove(old)
+            if os.path.basename(old) != protected:
+                os.remove(old)
 
-    def load(self, path):
-        """Restore everything from a checkpoint to continue exactly where it stopped."""
-        state = torch.load(path, map_location=self.device, weights_only=False)
+    def load(self, state, path=None):
+        """Restore everything from a checkpoint's state (checkpoints.load) to continue exactly
+        where it stopped. The LR schedule is rebuilt from this config at the checkpoint's step,
+        so a changed train.lr / train.steps applies (see optimizers.build_scheduler)."""
         self.net.load_state_dict(state["model"])
         self.ema.load_state_dict(state["ema"])
         self.optimizer.load_state_dict(state["optimizer"])
-        self.scheduler.load_state_dict(state["scheduler"])
+        for group in self.optimizer.param_groups:
+            group["initial_lr"] = self.config.train.lr
+        self.scheduler = self.build_scheduler(start_step=state["step"])
         self.loader.load_state_dict(state["loader"])
         self.step, self.run_id = state["step"], state["run_id"]
-        self.last_metrics = state.get("metrics", {})
+        self.last_metrics = state["metrics"]
+        self.skipped_steps.fill_(state.get("skipped_steps", 0))
+        self.loss_history = list(state.get("loss_history", []))
+        self.last_healthy_ckpt = path if state["healthy"] else None
         if state["world_size"] == self.dist.world_size:
             utils.set_rng_state(state["rng"][self.dist.rank])
         elif self.dist.is_main:
@@ -327,6 +447,35 @@ class DiffusionTrainer:
                 f"{state['world_size']}): per-rank dropout RNG streams are reseeded"
             )
         return state
+
+    def init_weights(self, state, source):
+        """Start from another run's model and EMA weights (train.init_from); everything else
+        (optimizer, schedule, step, data order) starts fresh. One line on a shape mismatch."""
+        pairs = ((self.net, state["model"]), (self.ema.model, state["ema"]["model"]))
+        for module, weights in pairs:
+            check_same_shapes(module.state_dict(), weights, source)
+            module.load_state_dict(weights)
+
+
+def check_same_shapes(own, other, source):
+    """ValueError (one line) unless `other` has exactly the tensors of `own`, shape for shape."""
+    missing = sorted(set(own) - set(other))
+    extra = sorted(set(other) - set(own))
+    wrong = [
+        f"{k} {tuple(other[k].shape)} vs {tuple(v.shape)}"
+        for k, v in own.items()
+        if k in other and other[k].shape != v.shape
+    ]
+    if missing or extra or wrong:
+        details = "; ".join(
+            f"{label}: {', '.join(items[:3])}{' ...' if len(items) > 3 else ''}"
+            for label, items in (("missing", missing), ("unexpected", extra), ("shape", wrong))
+            if items
+        )
+        raise ValueError(
+            f"train.init_from={source}: its weights do not fit this model ({details}); use the "
+            f"same model.* settings as that run"
+        )
 
 
 # ---------------------------------------------------------------------------------------------

@@ -1,9 +1,15 @@
-"""Small shared helpers: distributed info, seeding, RNG state, atomic files."""
+"""Small shared helpers: distributed info, seeding, RNG state, atomic files, stop signals, and
+the torchrun launcher used by run.sh (`python utils.py TORCHRUN_ARGS`)."""
 
+import ctypes
 import json
+import logging
 import os
 import random
+import signal
+import sys
 import tempfile
+import threading
 from dataclasses import dataclass
 
 import numpy as np
@@ -79,10 +85,13 @@ def seed_everything(seed):
 
 
 def get_rng_state():
-    """Every RNG this process draws from, as a picklable dict."""
+    """Every RNG this process draws from, in types torch.load(weights_only=True) accepts
+    (tensors, lists, numbers, strings)."""
+    version, words, gauss = random.getstate()
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
     state = {
-        "python": random.getstate(),
-        "numpy": np.random.get_state(),
+        "python": [version, torch.tensor(words, dtype=torch.int64), gauss],
+        "numpy": [kind, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, cached],
         "torch": torch.get_rng_state(),
     }
     if torch.cuda.is_available():
@@ -91,8 +100,10 @@ def get_rng_state():
 
 
 def set_rng_state(state):
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
+    version, words, gauss = state["python"]
+    random.setstate((version, tuple(int(w) for w in words.tolist()), gauss))
+    kind, keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
@@ -155,3 +166,97 @@ def atomic_write_text(text, path):
 
 def atomic_write_json(obj, path):
     atomic_write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n", path)
+
+
+# ---------------------------------------------------------------------------------------------
+# Stopping at a step boundary: signals, a dead launcher, agreement over ranks.
+# ---------------------------------------------------------------------------------------------
+STOP_SIGNALS = ("SIGTERM", "SIGINT", "SIGUSR1", "SIGUSR2")
+PR_SET_PDEATHSIG = 1  # linux/prctl.h
+
+
+class StopRequest:
+    """Records the first of STOP_SIGNALS this process receives (while installed) so that the
+    training loop can stop at the next step boundary instead of dying mid-step. A launcher that
+    died (the parent pid changed) counts as a request too."""
+
+    def __init__(self):
+        self.reason = None
+        self.parent_pid = os.getppid()
+        self.previous = {}
+
+    def install(self):
+        """Install the handlers (main thread only; elsewhere signals keep their defaults)."""
+        if threading.current_thread() is threading.main_thread():
+            for name in STOP_SIGNALS:
+                signum = getattr(signal, name)
+                self.previous[signum] = signal.signal(signum, self._handle)
+        return self
+
+    def restore(self):
+        for signum, handler in self.previous.items():
+            signal.signal(signum, handler)
+        self.previous = {}
+
+    def _handle(self, signum, frame):
+        self.reason = self.reason or signal.Signals(signum).name
+
+    def requested(self, watch_parent=False):
+        """True once a signal came (or, with watch_parent, once the parent process is gone)."""
+        if watch_parent and self.reason is None and os.getppid() != self.parent_pid:
+            self.reason = "the launcher's exit"
+        return self.reason is not None
+
+
+def die_with_parent(signum=signal.SIGTERM):
+    """Ask Linux to send `signum` to this process when its parent (the launcher) dies, so a
+    worker never trains on orphaned; a no-op where prctl is unavailable."""
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(PR_SET_PDEATHSIG, int(signum), 0, 0, 0)
+    except (OSError, AttributeError):
+        pass
+
+
+def any_rank(flags, device):
+    """Elementwise max over ranks of a list of 0/1 flags (0-dim tensors or bools), as one
+    float tensor on `device`: one small all-reduce. Without a process group, the flags."""
+    values = torch.stack(
+        [
+            f.to(torch.float32) if torch.is_tensor(f) else torch.full((), float(f), device=device)
+            for f in flags
+        ]
+    )  # built on the device (a fill kernel, not a host-to-device copy: no sync)
+    if dist.is_initialized():
+        dist.all_reduce(values, op=dist.ReduceOp.MAX)
+    return values
+
+
+# ---------------------------------------------------------------------------------------------
+# The launcher of run.sh: torchrun, minus its tracebacks.
+# ---------------------------------------------------------------------------------------------
+def launch(torchrun_args):
+    """Run torchrun with `torchrun_args` in this process and return an exit status, printing no
+    launcher traceback: a worker's own `error:` line (or traceback) is all the user sees, and
+    a stop signal forwarded to the workers (they checkpoint and exit) ends with status 0."""
+    from torch.distributed import run as torchrun
+    from torch.distributed.elastic.multiprocessing.api import SignalException
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+
+    logging.getLogger("torch.distributed.elastic").setLevel(logging.CRITICAL)
+    try:
+        torchrun.run(torchrun.parse_args(torchrun_args))
+    except SignalException:  # forwarded to the workers, which checkpoint and say so
+        return 0
+    except ChildFailedError as e:
+        rank, failure = e.get_first_failure()
+        if failure.exitcode < 0:  # killed by a signal: the worker could not say anything itself
+            name = signal.Signals(-failure.exitcode).name
+            print(f"error: worker rank {rank} was killed by {name}", file=sys.stderr)
+            return 128 - failure.exitcode
+        return failure.exitcode
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(launch(sys.argv[1:]))

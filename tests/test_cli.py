@@ -36,6 +36,10 @@ def last_line(text):
             ["--config.prediction.model_output=eps", "--config.time_sampler.t_max=1.0"],
             "singular at t=1",
         ),
+        (["--config.train.steps=abc"], "--config.train.steps=abc: invalid literal for int()"),
+        (["--config=nope.py:digits"], "--config=nope.py:digits: no such config file; use"),
+        (["--ckpt=ckpts/old"], "pass --config.train.init_from=ckpts/old"),
+        (["--mode=sample", "--ckpt=x", "--out=README.md"], "--out=README.md is a file"),
     ],
 )
 def test_bad_flags_fail_with_one_line_before_work(tmp_path, args, expected):

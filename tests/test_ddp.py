@@ -37,7 +37,9 @@ def launch(nproc, workdir, out_dir):
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     result = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, env=env, timeout=240)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    return [torch.load(os.path.join(out_dir, f"rank{r}.pt")) for r in range(nproc)]
+    return [
+        torch.load(os.path.join(out_dir, f"rank{r}.pt"), weights_only=True) for r in range(nproc)
+    ]
 
 
 def test_two_ranks_match_each_other_and_a_single_process(tmp_path):
@@ -53,6 +55,6 @@ def test_two_ranks_match_each_other_and_a_single_process(tmp_path):
     torch.testing.assert_close(two[0]["samples"], one["samples"], rtol=1e-4, atol=1e-4)
     # only rank 0 wrote the run directory, and the checkpoint records the world size
     state = torch.load(
-        os.path.join(tmp_path / "ckpt2", "digits", "ckpt_0000003.pt"), weights_only=False
+        os.path.join(tmp_path / "ckpt2", "digits", "ckpt_0000003.pt"), weights_only=True
     )
     assert state["world_size"] == 2 and len(state["rng"]) == 2

@@ -14,13 +14,13 @@ import data_utils
 import main
 import utils
 from logging_utils import read_metrics
-from trainer import data_info_of, find_latest_checkpoint
+from trainer import TrainingDiverged, data_info_of, find_latest_checkpoint
 
 SINGLE = utils.DistInfo()
 
 
 def load(path):
-    return torch.load(path, map_location="cpu", weights_only=False)
+    return torch.load(path, map_location="cpu", weights_only=True)
 
 
 def assert_states_equal(a, b):
@@ -104,14 +104,15 @@ def test_checkpoint_contents_pruning_and_nan_refusal(tmp_path):
         "world_size",
     ):
         assert key in state, key
-    assert state["config"]["train"]["steps"] == 6 and len(state["rng"]) == 1
+    assert json.loads(state["config"])["train"]["steps"] == 6 and len(state["rng"]) == 1
+    assert state["healthy"] is True and state["skipped_steps"] == 0
     saved_config = json.load(open(os.path.join(trainer.run_dir, "config.json")))
     assert saved_config["time_sampler"]["t_min"] == 0.0  # resolved, not null
     before = open(os.path.join(trainer.run_dir, "ckpt_0000006.pt"), "rb").read()
     with torch.no_grad():
         next(trainer.net.parameters())[0] = float("nan")
     trainer.step = 7
-    with pytest.raises(FloatingPointError, match="non-finite weights at step 7"):
+    with pytest.raises(TrainingDiverged, match="non-finite weights at step 7"):
         trainer.save()
     assert not os.path.exists(os.path.join(trainer.run_dir, "ckpt_0000007.pt"))
     assert open(os.path.join(trainer.run_dir, "ckpt_0000006.pt"), "rb").read() == before
@@ -208,3 +209,45 @@ def test_eval_every_logs_metrics(tmp_path):
     assert len(evals) == 1 and evals[0]["step"] == 2
     assert evals[0]["eval/nll_num"] == 16 and np.isfinite(evals[0]["eval/nll_nats_per_dim"])
     assert len(trainer.eval_dataset) >= 16 and trainer.eval_dataset is not trainer.dataset
+
+
+def test_dit_with_power_ema_snapshots_posthoc_and_sampling(tmp_path):
+    """model.name=dit with train.ema=power trains, writes EMA snapshots and a loss curve; the
+    post-hoc script turns them into a checkpoint that the sample mode reads."""
+    import sys
+
+    from helpers import ROOT, run_main
+
+    sys.path.insert(0, os.path.join(ROOT, "scripts"))
+    import posthoc_ema
+
+    config = tiny_config(
+        "digits_dit",
+        tmp_path,
+        train__steps=6,
+        train__save_every=6,
+        train__sample_every=3,
+        train__ema="power",
+        train__ema_snapshot_every=2,
+        model__width=16,
+        model__depth=1,
+        model__num_heads=2,
+    )
+    trainer = main.train(config, {}, SINGLE)
+    snapshots = sorted(os.listdir(os.path.join(trainer.run_dir, "ema_snapshots")))
+    assert snapshots == ["ema_0000002.pt", "ema_0000004.pt", "ema_0000006.pt"]
+    with Image.open(os.path.join(trainer.run_dir, "loss.png")) as image:
+        assert image.size[0] > 100
+    ckpt = find_latest_checkpoint(trainer.run_dir)
+    out = str(tmp_path / "posthoc" / "ckpt_0000006.pt")
+    assert posthoc_ema.main(["--ckpt", ckpt, "--sigma_rel", "0.08", "--out", out]) == 0
+    result = run_main(
+        "--mode=sample",
+        f"--ckpt={out}",
+        f"--out={tmp_path / 'samples'}",
+        "--config.sample.num=4",
+        "--config.sample.steps=2",
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    with np.load(tmp_path / "samples" / "samples.npz") as f:
+        assert f["samples"].shape == (4, 8, 8, 1)

@@ -1,0 +1,283 @@
+"""Checkpoint files: atomic write, safe load, validation, newest-good fallback, run-directory lock,
+and the comparison of a run's config with a checkpoint's on resume.
+
+A checkpoint is one `ckpt_<step>.pt` file written by `torch.save` through a temporary file and a
+rename. It holds only what `torch.load(weights_only=True)` accepts (tensors, numbers, strings,
+lists, tuples, dicts): the config is a JSON string and the RNG states are tensors and lists, so
+loading never runs code from the file. Nothing here knows of the training loop or the math.
+"""
+
+import fcntl
+import glob
+import json
+import os
+import re
+import socket
+import time
+
+import torch
+
+import utils
+
+CKPT_PATTERN = re.compile(r"ckpt_(\d+)\.pt$")
+TMP_PREFIX = ".tmp-"  # utils._atomic_write's temporary files
+LOCK_NAME = ".lock"
+# Keys every checkpoint holds, with the type each must have.
+REQUIRED = {
+    "step": int,
+    "model": dict,
+    "ema": dict,
+    "optimizer": dict,
+    "scheduler": dict,
+    "loader": dict,
+    "rng": list,
+    "world_size": int,
+    "config": str,
+    "data_info": dict,
+    "metrics": dict,
+    "healthy": bool,
+}
+
+
+class CheckpointError(ValueError):
+    """A file that is not a usable checkpoint (one line: the path and why)."""
+
+
+class RunLocked(ValueError):
+    """The run directory is used by another live process."""
+
+
+# ---------------------------------------------------------------------------------------------
+# Names.
+# ---------------------------------------------------------------------------------------------
+def checkpoint_path(run_dir, step):
+    return os.path.join(run_dir, f"ckpt_{step:07d}.pt")
+
+
+def list_checkpoints(run_dir):
+    """[(step, path)] of the checkpoints in run_dir, oldest first."""
+    found = [
+        (int(m.group(1)), p)
+        for p in glob.glob(os.path.join(glob.escape(run_dir), "ckpt_*.pt"))
+        if (m := CKPT_PATTERN.search(p))
+    ]
+    return sorted(found)
+
+
+def find_latest(run_dir):
+    """Path of the checkpoint with the highest step in run_dir (not checked), or None."""
+    found = list_checkpoints(run_dir)
+    return found[-1][1] if found else None
+
+
+# ---------------------------------------------------------------------------------------------
+# Writing and reading.
+# ---------------------------------------------------------------------------------------------
+def save(state, path):
+    """Write `state` atomically after checking that it loads with weights_only=True types."""
+    utils.atomic_torch_save(state, path)
+
+
+def load(path, map_location="cpu"):
+    """The validated state dict of a checkpoint file. Never runs code from the file: raises
+    CheckpointError (one line) for anything that is not a complete checkpoint."""
+    if not os.path.isfile(path):
+        raise CheckpointError(f"{path}: no such checkpoint file")
+    if os.path.getsize(path) == 0:
+        raise CheckpointError(f"{path} is empty, not a checkpoint")
+    try:
+        state = torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as e:  # torch raises many types for truncated / foreign / unsafe files
+        raise CheckpointError(f"{path} is not a readable checkpoint ({load_failure(e)})") from None
+    validate(state, path)
+    return state
+
+
+def load_failure(error):
+    """A short reason from torch.load's (often multi-paragraph) error."""
+    text = str(error).strip()
+    marker = "WeightsUnpickler error:"
+    if marker in text:
+        detail = text.split(marker, 1)[1].strip().split(". ")[0].split("\n")[0]
+        return f"it holds objects other than tensors and plain data, never loaded: {detail}"
+    first = text.split("\n")[0].split(". ")[0] if text else type(error).__name__
+    return f"truncated or not a torch file: {first[:120]}"
+
+
+def validate(state, path):
+    """Raise CheckpointError unless `state` has every key with its type and finite weights."""
+    if not isinstance(state, dict):
+        raise CheckpointError(f"{path} holds a {type(state).__name__}, not a checkpoint dict")
+    for key, kind in REQUIRED.items():
+        if key not in state:
+            raise CheckpointError(f"{path} is not a complete checkpoint: key {key!r} is missing")
+        if not isinstance(state[key], kind):
+            raise CheckpointError(
+                f"{path}: key {key!r} is a {type(state[key]).__name__}, expected {kind.__name__}"
+            )
+    try:
+        json.loads(state["config"])
+    except ValueError:
+        raise CheckpointError(f"{path}: the stored config is not valid JSON") from None
+    for name, value in state["model"].items():
+        if torch.is_tensor(value) and value.is_floating_point() and not value.isfinite().all():
+            raise CheckpointError(f"{path}: weight {name!r} is not finite")
+
+
+def config_of(state):
+    """The checkpoint's config as a plain nested dict."""
+    return json.loads(state["config"])
+
+
+def load_newest_good(run_dir, set_aside=True, warn=print, map_location="cpu"):
+    """(state, path) of the newest checkpoint in run_dir that loads and validates, or
+    (None, None). A bad one is renamed to `<name>.corrupt` (set_aside) with a one-line warning,
+    never deleted; without set_aside it is only reported."""
+    for _, path in reversed(list_checkpoints(run_dir)):
+        try:
+            return load(path, map_location), path
+        except CheckpointError as e:
+            if set_aside:
+                aside = unused_name(path + ".corrupt")
+                os.replace(path, aside)
+                warn(f"warning: {e}; renamed to {os.path.basename(aside)}, trying an older one")
+            else:
+                warn(f"warning: {e}; trying an older one")
+    return None, None
+
+
+def unused_name(path):
+    """`path`, or `path.1`, `path.2`, ... : the first that does not exist."""
+    candidate, n = path, 0
+    while os.path.exists(candidate):
+        n += 1
+        candidate = f"{path}.{n}"
+    return candidate
+
+
+def resolve(path, warn=print):
+    """(state, path) of a --ckpt argument: a checkpoint file, or the newest good checkpoint of a
+    run directory (bad ones reported, not moved: the run may be live). One line on failure."""
+    if path is None:
+        raise ValueError("--ckpt is required in this mode: a checkpoint file or a run directory")
+    if os.path.isdir(path):
+        state, found = load_newest_good(path, set_aside=False, warn=warn)
+        if state is None:
+            raise CheckpointError(f"--ckpt={path}: no loadable ckpt_*.pt in this directory")
+        return state, found
+    if not os.path.exists(path):
+        raise CheckpointError(f"--ckpt={path}: no such file")
+    return load(path), path
+
+
+def remove_stale_temporaries(run_dir):
+    """Delete half-written `.tmp-*` files left by a process that died while saving (call with
+    the run lock held, so no live writer owns them). Returns their names."""
+    stale = sorted(glob.glob(os.path.join(glob.escape(run_dir), TMP_PREFIX + "*")))
+    for path in stale:
+        os.remove(path)
+    return [os.path.basename(p) for p in stale]
+
+
+# ---------------------------------------------------------------------------------------------
+# One live run per run directory.
+# ---------------------------------------------------------------------------------------------
+class RunLock:
+    """An exclusive flock on `<run_dir>/.lock`, which holds "pid@host since time" of the owner.
+
+    The OS releases it when the process exits, however it dies, so a stale lock never blocks.
+    """
+
+    def __init__(self, run_dir):
+        self.path = os.path.join(run_dir, LOCK_NAME)
+        self.file = None
+
+    def acquire(self):
+        os.makedirs(os.path.dirname(self.path), exist_ok=True)
+        f = open(self.path, "a+")
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            f.seek(0)
+            owner = f.read().strip() or "another process"
+            f.close()
+            raise RunLocked(
+                f"run directory {os.path.dirname(self.path)} is in use by {owner}: wait for it "
+                f"to finish or stop it, or use another --config.name"
+            ) from None
+        f.seek(0)
+        f.truncate()
+        started = time.strftime("%Y-%m-%d %H:%M:%S")
+        f.write(f"pid {os.getpid()} on {socket.gethostname()} (since {started})\n")
+        f.flush()
+        self.file = f
+        return self
+
+    def release(self):
+        if self.file is not None:
+            fcntl.flock(self.file, fcntl.LOCK_UN)
+            self.file.close()
+            self.file = None
+
+
+# ---------------------------------------------------------------------------------------------
+# Config changes on resume.
+# ---------------------------------------------------------------------------------------------
+# What may change between a checkpoint and its resume: cadence, sampling, evaluation, logging,
+# the length and learning rate of the run, where things live. Everything else (model, data,
+# process, prediction, time sampler, batch, seed, optimizer, precision, and any key added later)
+# defines what is being trained and may not change.
+MUTABLE_KEYS = (
+    "name",
+    "workdir",
+    "data.root",
+    "data.num_workers",
+    "train.steps",
+    "train.lr",
+    "train.log_every",
+    "train.sample_every",
+    "train.save_every",
+    "train.eval_every",
+    "train.keep_ckpts",
+    "train.max_bad_steps",
+    "train.init_from",
+    "train.compile",
+    "train.ema_snapshot_every",
+)
+MUTABLE_PREFIXES = ("sample.", "eval.", "logging.")
+
+
+def is_mutable(key):
+    return key in MUTABLE_KEYS or key.startswith(MUTABLE_PREFIXES)
+
+
+def flatten(tree, prefix=""):
+    """{dotted key: value} of a nested dict, tuples as lists (as after a JSON round trip)."""
+    out = {}
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            out.update(flatten(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = json.loads(json.dumps(value))
+    return out
+
+
+def config_changes(old, new):
+    """(mutable, immutable): sorted lists of (key, old value, new value) where the nested dicts
+    `old` (the checkpoint's) and `new` differ. A key the checkpoint lacks (added to config.py
+    after it was written) is not a change; a key the new config lacks is."""
+    old_flat, new_flat = flatten(old), flatten(new)
+    missing = object()
+    changed = [
+        (key, old_flat.get(key, missing), new_flat.get(key, missing))
+        for key in sorted(set(old_flat) | set(new_flat))
+        if key in old_flat and old_flat[key] != new_flat.get(key, missing)
+    ]
+    changed = [(k, a, None if b is missing else b) for k, a, b in changed]
+    mutable = [c for c in changed if is_mutable(c[0])]
+    immutable = [c for c in changed if not is_mutable(c[0])]
+    return mutable, immutable
+
+
+def describe_changes(changes):
+    return ", ".join(f"{key}: {a!r} -> {b!r}" for key, a, b in changes)

@@ -1,0 +1,563 @@
+"""Cluster-grade reliability: stop signals, a dead launcher, SLURM requeue, trustworthy
+checkpoints, non-finite and divergent steps, resuming with a changed config, the run lock."""
+
+import json
+import math
+import os
+import random
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from helpers import ROOT, TINY_UNET, run_main, tiny_config
+
+import checkpoints
+import main
+import trainer as trainer_lib
+import utils
+from logging_utils import read_metrics
+from optimizers import lr_multiplier
+from trainer import DiffusionTrainer, TrainingDiverged
+
+SINGLE = utils.DistInfo()
+TINY_FLAGS = [f"--config.{k}={v}".replace(" ", "") for k, v in TINY_UNET.items()]
+
+
+def digits_flags(workdir, steps, **extra):
+    """Command-line flags equal to tiny_config('digits', workdir, train__steps=steps, ...)."""
+    values = {
+        "workdir": workdir,
+        "logging.wandb": "disabled",
+        "train.steps": steps,
+        "train.batch_size": 16,
+        "train.warmup_steps": 2,
+        "train.log_every": 1,
+        "train.sample_every": 0,
+        "train.save_every": 1000,
+        "sample.num": 12,
+        "sample.batch_size": 8,
+        "sample.steps": 3,
+        "data.num_points": 512,
+        "data.num_workers": 0,
+        **extra,
+    }
+    return TINY_FLAGS + [f"--config.{k}={v}" for k, v in values.items()]
+
+
+def start(cmd, env=None, output=subprocess.PIPE):
+    return subprocess.Popen(
+        cmd,
+        cwd=ROOT,
+        stdout=output,
+        stderr=output,
+        text=True,
+        env={**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1", **(env or {})},
+    )
+
+
+def wait_for_metrics(run_dir, proc, timeout=120):
+    """Block until the run has logged its first step (the loop is running)."""
+    path = os.path.join(run_dir, "metrics.jsonl")
+    deadline = time.time() + timeout
+    while not (os.path.exists(path) and os.path.getsize(path)):
+        assert proc.poll() is None, proc.communicate()
+        assert time.time() < deadline, "the run never logged"
+        time.sleep(0.05)
+
+
+def stop_line(text):
+    lines = [line for line in text.splitlines() if line.startswith("stopped by")]
+    assert len(lines) == 1, text
+    return lines[0]
+
+
+def load(path):
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def assert_same_weights(a, b):
+    for key in a["model"]:
+        assert torch.equal(a["model"][key], b["model"][key]), key
+    for key in a["ema"]["model"]:
+        assert torch.equal(a["ema"]["model"][key], b["ema"]["model"][key]), key
+    for index, fields in a["optimizer"]["state"].items():
+        for field, value in fields.items():
+            assert torch.equal(value, b["optimizer"]["state"][index][field]), (index, field)
+
+
+# ---------------------------------------------------------------------------------------------
+# Stop signals and a dead launcher.
+# ---------------------------------------------------------------------------------------------
+def test_sigterm_checkpoints_and_resume_is_bit_identical(tmp_path):
+    """SIGTERM to `python main.py` mid-run: one line, exit 0, a checkpoint at the step it
+    stopped; rerunning the same command ends exactly where an uninterrupted run ends."""
+    steps = 30
+    flags = digits_flags(tmp_path / "b", steps)
+    proc = start([sys.executable, "main.py", *flags])
+    run_dir = tmp_path / "b" / "digits"
+    wait_for_metrics(run_dir, proc)
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 0, err[-2000:]
+    line = stop_line(out)
+    stopped_at = int(line.split(" at step ")[1].split(";")[0])
+    assert 1 <= stopped_at < steps
+    done = read_metrics(run_dir)[-1]["step"]
+    assert stopped_at - done <= 1  # at most the step in flight when the signal came
+    path = checkpoints.checkpoint_path(str(run_dir), stopped_at)
+    assert line == (
+        f"stopped by SIGTERM at step {stopped_at}; checkpoint {path}; rerun the same command "
+        f"to resume"
+    )
+    assert "Traceback" not in err
+    resumed = start([sys.executable, "main.py", *flags])
+    out, err = resumed.communicate(timeout=240)
+    assert resumed.returncode == 0, err[-2000:]
+    assert f"resuming from {path} at step {stopped_at}" in out
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as the subprocesses (OMP_NUM_THREADS=1): same float sums
+    try:
+        config = tiny_config("digits", tmp_path / "a", train__steps=steps, train__save_every=1000)
+        whole = main.train(config, {}, SINGLE)
+    finally:
+        torch.set_num_threads(threads)
+    a = load(checkpoints.find_latest(whole.run_dir))
+    b = load(checkpoints.find_latest(str(run_dir)))
+    assert a["step"] == b["step"] == steps
+    assert_same_weights(a, b)
+    assert [r["step"] for r in read_metrics(run_dir)] == list(range(1, steps + 1))
+
+
+def test_kill_9_of_the_launcher_stops_the_workers_with_a_checkpoint(tmp_path):
+    """`kill -9` of run.sh's launcher (2 workers): the workers get SIGTERM from the kernel
+    (parent-death signal), agree, checkpoint and exit instead of training on orphaned."""
+    flags = digits_flags(tmp_path, 100_000)
+    log = open(tmp_path / "output.txt", "w")  # read by nobody: never a full pipe
+    proc = start(["sh", "run.sh", *flags], env={"NPROC": "2"}, output=log)
+    wait_for_metrics(tmp_path / "digits", proc)
+    proc.kill()
+    proc.wait()
+    ckpt = None
+    deadline = time.time() + 120
+    while ckpt is None and time.time() < deadline:  # the orphans checkpoint, then exit
+        ckpt = checkpoints.find_latest(str(tmp_path / "digits"))
+        time.sleep(0.2)
+    assert ckpt is not None, "the workers did not checkpoint"
+    lock = checkpoints.RunLock(str(tmp_path / "digits"))
+    while time.time() < deadline:  # ... and exit: the run lock is free again
+        try:
+            lock.acquire()
+            break
+        except checkpoints.RunLocked:
+            time.sleep(0.2)
+    else:
+        pytest.fail("the orphaned workers kept running")
+    lock.release()
+    state = load(ckpt)
+    assert state["world_size"] == 2 and state["step"] >= 1
+    assert state["step"] - read_metrics(tmp_path / "digits")[-1]["step"] <= 1
+
+
+def test_stop_request_records_the_first_signal_and_restores_handlers():
+    before = signal.getsignal(signal.SIGUSR2)
+    stop = utils.StopRequest().install()
+    assert not stop.requested()
+    os.kill(os.getpid(), signal.SIGUSR2)
+    os.kill(os.getpid(), signal.SIGTERM)
+    assert stop.requested() and stop.reason == "SIGUSR2"
+    stop.restore()
+    assert signal.getsignal(signal.SIGUSR2) is before
+    orphan = utils.StopRequest()
+    orphan.parent_pid = -1  # as if the launcher had died (a new parent was adopted)
+    assert not orphan.requested() and orphan.requested(watch_parent=True)
+    assert orphan.reason == "the launcher's exit"
+
+
+def test_run_sh_user_error_is_one_line():
+    result = subprocess.run(
+        ["sh", "run.sh", "--config.train.stepz=1"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=240,
+        env={**os.environ, "NPROC": "1"},
+    )
+    lines = (result.stdout + result.stderr).strip().splitlines()
+    assert result.returncode == 1
+    assert len(lines) == 1, lines
+    assert lines[0].startswith("error: config key 'train.stepz' does not exist; valid keys")
+
+
+# ---------------------------------------------------------------------------------------------
+# SLURM: rendezvous from the environment; signal -> checkpoint -> requeue -> resume.
+# ---------------------------------------------------------------------------------------------
+FAKE_SCONTROL = """#!/bin/sh
+if [ "$1 $2" = "show hostnames" ]; then printf '%s\\n' $FAKE_HOSTS; exit 0; fi
+if [ "$1" = requeue ]; then echo "$2" >> "$FAKE_LOG/requeued"; exit 0; fi
+exit 1
+"""
+# srun: drop the options, run the command once per node (SLURM_NODEID), forward USR1 / TERM.
+FAKE_SRUN = """#!/bin/bash
+echo "$@" > "$FAKE_LOG/srun_args"
+while [ "${1#--}" != "$1" ]; do shift; done
+pids=""
+for ((i = 0; i < ${SLURM_NNODES:-1}; i++)); do SLURM_NODEID=$i "$@" & pids="$pids $!"; done
+trap 'kill -USR1 $pids' USR1
+trap 'kill -TERM $pids' TERM
+status=0
+for p in $pids; do
+  while :; do wait $p; s=$?; kill -0 $p 2>/dev/null || break; done
+  [ $s -ne 0 ] && status=$s
+done
+exit $status
+"""
+# sh, for the rendezvous test only: records what run.sh would have been started with.
+FAKE_SH = """#!/bin/bash
+echo "NODE_RANK=$NODE_RANK MASTER_ADDR=$MASTER_ADDR MASTER_PORT=$MASTER_PORT NNODES=$NNODES $*" \\
+  > "$FAKE_LOG/task.$NODE_RANK"
+"""
+
+
+def fake_slurm(tmp_path, with_sh=False, nodes=2, hosts="gpu-a17 gpu-a18", port=None):
+    bin_dir, log = tmp_path / "bin", tmp_path / "log"
+    bin_dir.mkdir()
+    log.mkdir()
+    shims = {"scontrol": FAKE_SCONTROL, "srun": FAKE_SRUN, **({"sh": FAKE_SH} if with_sh else {})}
+    for name, text in shims.items():
+        (bin_dir / name).write_text(text)
+        (bin_dir / name).chmod(0o755)
+    env = {
+        "PATH": f"{bin_dir}:{os.environ['PATH']}",
+        "FAKE_LOG": str(log),
+        "FAKE_HOSTS": hosts,
+        "SLURM_JOB_ID": "4242",
+        "SLURM_NNODES": str(nodes),
+        "SLURM_JOB_NODELIST": "gpu-a[17-18]",
+        "SLURM_SUBMIT_DIR": ROOT,
+    }
+    if port:
+        env["MASTER_PORT"] = str(port)
+    return env, log
+
+
+def test_slurm_script_derives_the_rendezvous(tmp_path):
+    text = open(os.path.join(ROOT, "scripts", "slurm.sbatch")).read()
+    for line in ("#SBATCH --signal=B:USR1@", "#SBATCH --requeue", "#SBATCH --ntasks-per-node=1"):
+        assert line in text
+    env, log = fake_slurm(tmp_path, with_sh=True)
+    env = {**os.environ, **env}
+    env.pop("MASTER_PORT", None)
+    result = subprocess.run(
+        ["bash", "scripts/slurm.sbatch", "--config.train.steps=5"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=60,
+    )
+    assert result.returncode == 0, result.stderr
+    run_sh = os.path.join(ROOT, "run.sh")
+    for rank in (0, 1):
+        assert (log / f"task.{rank}").read_text().split() == [
+            f"NODE_RANK={rank}",
+            "MASTER_ADDR=gpu-a17",
+            f"MASTER_PORT={20000 + 4242 % 20000}",
+            "NNODES=2",
+            run_sh,
+            "--config.train.steps=5",
+        ]
+    assert "--ntasks-per-node=1" in (log / "srun_args").read_text()
+    assert not (log / "requeued").exists()  # finished without a signal: no requeue
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_slurm_signal_checkpoint_requeue_resume(tmp_path):
+    """The batch shell gets SIGUSR1 (the --signal early warning): the 2 workers checkpoint, the
+    job requeues itself, and the requeued job (the same command) resumes and finishes."""
+    env, log = fake_slurm(tmp_path, nodes=1, hosts="127.0.0.1", port=free_port())
+    env = {**env, "NPROC": "2"}
+    steps = 40
+    cmd = ["bash", "scripts/slurm.sbatch", *digits_flags(tmp_path / "runs", steps)]
+    proc = start(cmd, env=env)
+    run_dir = tmp_path / "runs" / "digits"
+    wait_for_metrics(run_dir, proc)
+    proc.send_signal(signal.SIGUSR1)
+    out, err = proc.communicate(timeout=180)
+    assert proc.returncode == 0, out[-2000:] + err[-2000:]
+    line = stop_line(out)
+    assert line.startswith("stopped by SIGUSR1 at step ")
+    assert (log / "requeued").read_text().split() == ["4242"]
+    stopped_at = load(checkpoints.find_latest(str(run_dir)))["step"]
+    assert 1 <= stopped_at < steps
+    requeued = start(cmd, env={**env, "SLURM_RESTART_COUNT": "1", "MASTER_PORT": str(free_port())})
+    out, err = requeued.communicate(timeout=240)
+    assert requeued.returncode == 0, out[-2000:] + err[-2000:]
+    assert f"at step {stopped_at}" in out and "resuming from" in out
+    assert load(checkpoints.find_latest(str(run_dir)))["step"] == steps
+    assert (log / "requeued").read_text().split() == ["4242"]  # not requeued again
+    assert [r["step"] for r in read_metrics(run_dir)] == list(range(1, steps + 1))
+
+
+# ---------------------------------------------------------------------------------------------
+# Checkpoints: safe loading, corrupt files, stale temporaries, the lock.
+# ---------------------------------------------------------------------------------------------
+class RunsCode:
+    """Unpickling this would create a marker file: a stand-in for arbitrary code."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (open, (self.marker, "w"))
+
+
+def test_crafted_pickle_is_never_executed(tmp_path):
+    marker = tmp_path / "pwned"
+    evil = tmp_path / "evil.pt"
+    torch.save({"step": 1, "model": RunsCode(str(marker))}, evil)
+    with pytest.raises(checkpoints.CheckpointError, match="is not a readable checkpoint"):
+        checkpoints.load(str(evil))
+    assert not marker.exists()
+    text = tmp_path / "notes.txt"
+    text.write_text("not a checkpoint\n")
+    for path in (evil, text):
+        result = run_main("--mode=info", f"--ckpt={path}")
+        lines = (result.stdout + result.stderr).strip().splitlines()
+        assert result.returncode == 1 and len(lines) == 1, lines
+        assert lines[0].startswith(f"error: {path} is not a readable checkpoint (")
+    assert not marker.exists()
+
+
+def corrupt(path, kind):
+    """Damage a checkpoint file in one of the ways a crash or a full disk leaves it."""
+    data = open(path, "rb").read()
+    if kind == "truncated":
+        open(path, "wb").write(data[: len(data) // 2])
+    elif kind == "empty":
+        open(path, "wb").close()
+    elif kind == "garbage":
+        open(path, "wb").write(b"this is not a checkpoint" * 10)
+    elif kind == "missing keys":
+        state = torch.load(path, weights_only=True)
+        del state["optimizer"]
+        torch.save(state, path)
+    elif kind == "nan weights":
+        state = torch.load(path, weights_only=True)
+        next(iter(state["model"].values())).fill_(math.nan)
+        torch.save(state, path)
+
+
+@pytest.fixture(scope="module")
+def four_steps(tmp_path_factory):
+    """The run directory of a 4-step tiny digits run (checkpoints at steps 2 and 4)."""
+    workdir = tmp_path_factory.mktemp("four_steps")
+    return Path(main.train(tiny_config("digits", workdir, train__steps=4), {}, SINGLE).run_dir)
+
+
+@pytest.mark.parametrize(
+    "kind,reason",
+    [
+        ("truncated", "is not a readable checkpoint"),
+        ("empty", "is empty, not a checkpoint"),
+        ("garbage", "is not a readable checkpoint"),
+        ("missing keys", "key 'optimizer' is missing"),
+        ("nan weights", "is not finite"),
+    ],
+)
+def test_corrupt_newest_checkpoint_is_set_aside(tmp_path, four_steps, kind, reason):
+    run_dir = tmp_path / "runs" / "digits"
+    run_dir.mkdir(parents=True)
+    for name in ("ckpt_0000002.pt", "ckpt_0000004.pt"):
+        shutil.copy(four_steps / name, run_dir / name)
+    corrupt(run_dir / "ckpt_0000004.pt", kind)
+    (run_dir / ".tmp-abc123ckpt_0000006.pt").write_bytes(b"half written")
+    messages = []
+    state, path = checkpoints.load_newest_good(str(run_dir), warn=messages.append)
+    assert state["step"] == 2 and path == str(run_dir / "ckpt_0000002.pt")
+    assert len(messages) == 1 and reason in messages[0] and "ckpt_0000004.pt.corrupt" in messages[0]
+    assert sorted(os.listdir(run_dir)) == [
+        ".tmp-abc123ckpt_0000006.pt",
+        "ckpt_0000002.pt",
+        "ckpt_0000004.pt.corrupt",
+    ]
+    resumed = main.build_trainer(tiny_config("digits", tmp_path / "runs", train__steps=4), SINGLE)
+    assert resumed.step == 2
+    assert ".tmp-abc123ckpt_0000006.pt" not in os.listdir(run_dir)  # stale temporary removed
+    resumed.run_lock.release()
+
+
+def test_no_loadable_checkpoint_stops_instead_of_restarting(tmp_path):
+    trainer = main.train(tiny_config("digits", tmp_path, train__steps=2), {}, SINGLE)
+    corrupt(os.path.join(trainer.run_dir, "ckpt_0000002.pt"), "garbage")
+    with pytest.raises(ValueError, match="no checkpoint in .* could be loaded"):
+        main.train(tiny_config("digits", tmp_path, train__steps=2), {}, SINGLE)
+    assert os.path.exists(os.path.join(trainer.run_dir, "ckpt_0000002.pt.corrupt"))
+    assert read_metrics(trainer.run_dir)  # the metrics of the run were not truncated
+
+
+def test_second_launch_on_a_run_directory_stops_at_once(tmp_path):
+    run_dir = tmp_path / "digits"
+    lock = checkpoints.RunLock(str(run_dir)).acquire()
+    result = run_main(*digits_flags(tmp_path, 2))
+    lines = (result.stdout + result.stderr).strip().splitlines()
+    assert result.returncode == 1 and len(lines) == 1, lines
+    assert lines[0].startswith(f"error: run directory {run_dir} is in use by pid {os.getpid()} on")
+    assert os.listdir(run_dir) == [".lock"]  # nothing written
+    lock.release()
+    trainer = main.train(tiny_config("digits", tmp_path, train__steps=1), {}, SINGLE)
+    assert trainer.step == 1  # the lock is free once its holder is done
+
+
+# ---------------------------------------------------------------------------------------------
+# Non-finite and divergent steps.
+# ---------------------------------------------------------------------------------------------
+def scale_loss_at(monkeypatch, steps, factor):
+    """Multiply the loss by `factor` (nan, 1e27, ...) on the given 0-based steps."""
+    original = DiffusionTrainer.loss
+
+    def loss(self, *args):
+        value = original(self, *args)
+        return value * factor if self.step in steps else value
+
+    monkeypatch.setattr(DiffusionTrainer, "loss", loss)
+
+
+def test_non_finite_steps_change_nothing_and_are_counted(tmp_path, monkeypatch, capsys):
+    config = dict(train__steps=4, train__save_every=2, train__keep_ckpts=1)
+    main.train(tiny_config("digits", tmp_path, **config), {}, SINGLE, until=2)
+    good = load(os.path.join(tmp_path, "digits", "ckpt_0000002.pt"))
+    scale_loss_at(monkeypatch, {2, 3}, math.nan)
+    trainer = main.train(tiny_config("digits", tmp_path, **config), {}, SINGLE)
+    after = load(os.path.join(trainer.run_dir, "ckpt_0000004.pt"))
+    assert_same_weights(good, after)  # weights, EMA and Adam moments untouched
+    assert after["ema"]["num_updates"] == 4 and not after["healthy"]
+    steps = {s["step"]: s for s in good["optimizer"]["state"].values()}
+    assert all(s["step"].item() == 2 for s in after["optimizer"]["state"].values()), steps
+    records = read_metrics(trainer.run_dir)
+    assert [(r["step"], r["loss"], r["skipped_steps"]) for r in records[2:]] == [
+        (3, None, 1),
+        (4, None, 2),
+    ]
+    assert "warning: 1 non-finite step(s) between steps 3 and 3 skipped" in capsys.readouterr().out
+    # keep_ckpts=1, but the newest healthy checkpoint is protected
+    assert sorted(f for f in os.listdir(trainer.run_dir) if f.startswith("ckpt_")) == [
+        "ckpt_0000002.pt",
+        "ckpt_0000004.pt",
+    ]
+
+
+def test_too_many_consecutive_bad_steps_stop_the_run(tmp_path, monkeypatch):
+    scale_loss_at(monkeypatch, set(range(2, 100)), math.inf)
+    config = tiny_config("digits", tmp_path, train__steps=20, train__max_bad_steps=3)
+    with pytest.raises(TrainingDiverged, match="at step 5: 3 consecutive non-finite steps"):
+        main.train(config, {}, SINGLE)
+    state = load(os.path.join(tmp_path, "digits", "ckpt_0000002.pt"))
+    assert state["healthy"] and state["step"] == 2
+
+
+def test_exploding_loss_never_replaces_the_last_healthy_checkpoint(tmp_path, monkeypatch, capsys):
+    history = trainer_lib.DIVERGENCE_MIN_HISTORY
+    scale_loss_at(monkeypatch, set(range(history, 100)), 1e12)  # finite loss and grad norm
+    config = tiny_config(
+        "digits", tmp_path, train__steps=history + 3, train__save_every=1, train__keep_ckpts=1
+    )
+    trainer = main.train(config, {}, SINGLE)
+    losses = [r["loss"] for r in read_metrics(trainer.run_dir)]
+    assert all(math.isfinite(x) for x in losses) and losses[-1] > 1e10
+    names = sorted(f for f in os.listdir(trainer.run_dir) if f.startswith("ckpt_"))
+    assert names == [f"ckpt_{history:07d}.pt", f"ckpt_{history + 3:07d}.pt"]
+    assert load(os.path.join(trainer.run_dir, names[0]))["healthy"]
+    assert not load(os.path.join(trainer.run_dir, names[1]))["healthy"]
+    assert capsys.readouterr().out.count("the run looks diverged") == 1
+
+
+# ---------------------------------------------------------------------------------------------
+# Resuming with a changed config; starting from another run's weights.
+# ---------------------------------------------------------------------------------------------
+def test_changing_what_is_trained_stops_with_one_line(tmp_path):
+    main.train(tiny_config("checkerboard", tmp_path, train__steps=2), {}, SINGLE)
+    changed = tiny_config("checkerboard", tmp_path, train__steps=2, model__hidden=64, seed=3)
+    with pytest.raises(ValueError) as info:
+        main.train(changed, {}, SINGLE)
+    message = str(info.value)
+    assert "model.hidden: 32 -> 64" in message and "seed: 0 -> 3" in message
+    assert "--config.name=NEW" in message and "\n" not in message
+
+
+def test_immutable_by_default():
+    """A key nobody listed (e.g. added to config.py later) may not change on resume."""
+    old = {"train": {"steps": 4, "lr": 1e-3, "new_knob": 1}, "sample": {"num": 2}}
+    new = {"train": {"steps": 8, "lr": 1e-3, "new_knob": 2}, "sample": {"num": 5}}
+    mutable, immutable = checkpoints.config_changes(old, new)
+    assert mutable == [("sample.num", 2, 5), ("train.steps", 4, 8)]
+    assert immutable == [("train.new_knob", 1, 2)]
+    assert checkpoints.config_changes(old, {**new, "extra": {"key": 1}})[1] == immutable
+
+
+def test_changed_lr_and_steps_apply_and_continue_the_schedule(tmp_path, capsys):
+    """train.lr really reaches the optimizer, and extending a cosine run re-defines the schedule
+    over the new total from the current step: no restarted warmup."""
+    kw = dict(train__lr_schedule="cosine", train__warmup_steps=2, train__min_lr_ratio=0.1)
+    main.train(tiny_config("digits", tmp_path, train__steps=4, **kw), {}, SINGLE)
+    config = tiny_config("digits", tmp_path, train__steps=8, train__lr=5e-4, **kw)
+    trainer = main.build_trainer(config, SINGLE)
+    out = capsys.readouterr().out
+    assert "applying changed train.lr: 0.002 -> 0.0005, train.steps: 4 -> 8" in out
+    assert "cosine lr schedule is re-defined over 8 steps and continues at step 4" in out
+
+    def expected(step):  # cosine from 5e-4 to 5e-5 over steps 2..8, in closed form
+        return 5e-5 + (5e-4 - 5e-5) * (1 + math.cos(math.pi * (step - 2) / 6)) / 2
+
+    assert trainer.optimizer.param_groups[0]["lr"] == pytest.approx(expected(4), rel=1e-12)
+    trainer.run_lock.release()
+    main.train(config, {}, SINGLE)
+    logged = {r["step"]: r["lr"] for r in read_metrics(os.path.join(tmp_path, "digits"))}
+    for step in range(5, 9):  # the lr logged after step s is the one of step s
+        assert logged[step] == pytest.approx(expected(step), rel=1e-12)
+    assert lr_multiplier(8, "cosine", 8, 2, 0.1) == pytest.approx(0.1)
+
+
+def test_init_from_loads_weights_only_and_checks_shapes(tmp_path):
+    source = main.train(tiny_config("checkerboard", tmp_path / "a", train__steps=2), {}, SINGLE)
+    config = tiny_config("checkerboard", tmp_path / "b", train__steps=2)
+    config.train.init_from = source.run_dir
+    trainer = main.build_trainer(config, SINGLE)
+    assert trainer.step == 0
+    for name, value in source.net.state_dict().items():
+        assert torch.equal(trainer.net.state_dict()[name], value), name
+    for name, value in source.ema.model.state_dict().items():
+        assert torch.equal(trainer.ema.model.state_dict()[name], value), name
+    trainer.run_lock.release()
+    wider = tiny_config("checkerboard", tmp_path / "c", train__steps=2, model__hidden=48)
+    wider.train.init_from = source.run_dir
+    with pytest.raises(ValueError, match="its weights do not fit this model .*shape: "):
+        main.build_trainer(wider, SINGLE)
+
+
+def test_os_error_is_one_line():
+    e = OSError(28, "No space left on device", "ckpts/x/.tmp-1ckpt_0000002.pt")
+    line = main.os_error_line(e)
+    assert line.startswith("ckpts/x/.tmp-1ckpt_0000002.pt: No space left on device")
+    assert "\n" not in line
+
+
+def test_checkpoint_loads_with_weights_only_and_restores_every_rng(tmp_path):
+    trainer = main.train(tiny_config("digits", tmp_path, train__steps=1), {}, SINGLE)
+    state = checkpoints.load(checkpoints.find_latest(trainer.run_dir))
+    utils.set_rng_state(state["rng"][0])
+    drawn = (random.random(), np.random.rand(), torch.rand(1).item())
+    utils.set_rng_state(state["rng"][0])
+    assert drawn == (random.random(), np.random.rand(), torch.rand(1).item())
+    assert json.loads(state["config"])["train"]["steps"] == 1
