@@ -8,6 +8,9 @@
 A stop signal (SIGTERM, SIGINT, SIGUSR1, SIGUSR2) ends training after the current step with a
 checkpoint; rerunning the same command resumes. See README "When things go wrong".
 
+Config keys: every field, its default and its valid choices are in config.py (`base_config`),
+e.g. --config.train.steps=2000 --config.process.name=trig --config.sample.solver=rk4.
+
 Builds the parts (dataset, network, process, time sampler) from the config, checks every choice
 before any work starts, and dispatches the mode.
 """
@@ -39,6 +42,7 @@ from processes import GAMMAS, PROCESSES, build_process
 from trainer import DiffusionTrainer, TrainingDiverged
 from unet import UNet
 
+__doc__ += f"\nPresets (config.PRESETS): {', '.join(config_lib.PRESETS)}.\n"
 HERE = os.path.dirname(os.path.abspath(__file__))
 MODES = ("train", "sample", "eval", "info")
 
@@ -470,6 +474,11 @@ def sample(config, config_overrides, dist_info):
     )
     if not dist_info.is_main:
         return
+    message = trainer_lib.degenerate_samples_message(
+        x, config.prediction.model_output, process.name
+    )
+    if message:
+        print(message, file=sys.stderr)
     out = FLAGS.out or os.path.join(os.path.dirname(path), "samples")
     os.makedirs(out, exist_ok=True)
     arrays = {"samples": data_utils.to_data_space(x, info["kind"])}
@@ -487,9 +496,12 @@ def sample(config, config_overrides, dist_info):
         x, labels, info["kind"], os.path.join(out, picture), reference=reference
     )
     strip = trainer_lib.write_trajectory(trajectory, info["kind"], os.path.join(out, "trajectory"))
+    steps = (
+        f"rtol {s.rtol:g}, atol {s.atol:g}" if s.solver in sampling.ADAPTIVE else f"{s.steps} steps"
+    )
     print(
         f"{s.num} samples from {path} (step {state['step']}, "
-        f"{'EMA' if s.use_ema else 'raw'} weights) with {s.solver}, {s.steps} steps, "
+        f"{'EMA' if s.use_ema else 'raw'} weights) with {s.solver}, {steps}, "
         f"NFE {nfe}: {npz}, {image}, {strip}"
     )
 
@@ -647,4 +659,8 @@ def main(argv):
 if __name__ == "__main__":
     check_argv(sys.argv)
     define_flags()
-    app.run(main, flags_parser=parse_flags)
+    try:
+        app.run(main, flags_parser=parse_flags)
+    except SystemExit as e:  # absl's --help exits with status 1: asking for help is no error
+        help_asked = {"-h", "--help", "--helpshort", "--helpfull"} & set(sys.argv[1:])
+        sys.exit(0 if help_asked and e.code == 1 else e.code)

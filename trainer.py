@@ -367,6 +367,9 @@ class DiffusionTrainer:
         self.net.train(was_training)
         if not self.dist.is_main:
             return None
+        message = degenerate_samples_message(x, self.model_output, self.process.name)
+        if message:
+            print(f"{message} (step {self.step})")
         stem = os.path.join(self.run_dir, f"samples_{self.step:07d}")
         reference = self.dataset.x[: len(x)] if self.dataset.kind == "points" else None
         logging_utils.save_loss_curve(
@@ -653,6 +656,27 @@ def write_trajectory(trajectory, kind, stem, frames=8, rows=8):
     return logging_utils.save_image_grid(
         strips, stem + ".png", nrow=len(chosen), upscale=upscale, padding=max(1, upscale // 2)
     )
+
+
+def degenerate_samples_message(x, model_output, process_name):
+    """One line describing samples that cannot be right (non-finite values, or every sample
+    the same), with the likely cause; None for healthy-looking samples."""
+    flat = x.reshape(len(x), -1).double()
+    bad = (~torch.isfinite(flat)).any(1)
+    if bad.any():
+        return (
+            f"warning: {int(bad.sum())} of {len(x)} samples hold NaN or inf (written as 0): the "
+            f"sampler diverged; likely causes: a prediction conversion that divides by a tiny "
+            f"alpha or sigma at the ends of the time range ({model_output} outputs of process "
+            f"{process_name!r}: try sample.t_max < 1, another sample.grid, more sample.steps, or "
+            f"a velocity output), or a diverged model (see skipped_steps in metrics.jsonl)"
+        )
+    if len(x) > 1 and float((flat - flat.mean(0)).abs().max()) < 1e-6 * (1 + flat.abs().max()):
+        return (
+            f"warning: all {len(x)} samples are identical (collapsed): the model ignores its "
+            f"input or the sampler's field is degenerate; check the loss curve and sample.*"
+        )
+    return None
 
 
 def write_samples(x, labels, kind, stem, reference=None):

@@ -157,3 +157,12 @@ def test_points_sample_mode_writes_scatter(tmp_path):
     with np.load(out / "samples.npz") as f:
         assert f["samples"].shape == (50, 2) and "labels" not in f
     assert Image.open(out / "scatter.png").size[0] > 100
+
+
+def test_help_lists_every_mode_and_preset():
+    result = run_main("--help")
+    assert result.returncode == 0
+    assert "--mode=train|sample|eval|info" in result.stdout
+    for preset in config_lib.PRESETS:
+        assert preset in result.stdout
+    assert "config.py" in result.stdout

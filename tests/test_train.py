@@ -251,3 +251,19 @@ def test_dit_with_power_ema_snapshots_posthoc_and_sampling(tmp_path):
     assert result.returncode == 0, result.stderr[-2000:]
     with np.load(tmp_path / "samples" / "samples.npz") as f:
         assert f["samples"].shape == (4, 8, 8, 1)
+
+
+def test_degenerate_samples_are_reported_in_one_line():
+    from trainer import degenerate_samples_message
+
+    healthy = torch.randn(8, 1, 4, 4)
+    assert degenerate_samples_message(healthy, "eps", "vp_cosine") is None
+    broken = healthy.clone()
+    broken[3, 0, 1, 1] = float("nan")
+    broken[5] = float("inf")
+    message = degenerate_samples_message(broken, "eps", "vp_cosine")
+    assert "2 of 8 samples hold NaN or inf" in message and "'vp_cosine'" in message
+    assert "\n" not in message
+    collapsed = torch.full((8, 1, 4, 4), 0.25)
+    assert "collapsed" in degenerate_samples_message(collapsed, "velocity", "linear")
+    assert degenerate_samples_message(collapsed[:1], "velocity", "linear") is None
