@@ -441,16 +441,61 @@ def checkpoint_config(state, overrides):
     return config
 
 
-def load_for_sampling(config_overrides, dist_info):
+def load_for_sampling(config_overrides, dist_info, ckpt=None, evaluating=None):
     """(config, process, EMA-or-raw net, data_info, num_classes, state, path) of --ckpt."""
-    state, path = load_checkpoint(FLAGS.ckpt)
+    ckpt = FLAGS.ckpt if ckpt is None else ckpt
+    evaluating = FLAGS.mode == "eval" if evaluating is None else evaluating
+    state, path = load_checkpoint(ckpt)
     config = checkpoint_config(state, config_overrides)
-    process = check_config(config, dist_info.world_size, evaluating=FLAGS.mode == "eval")
+    process = check_config(config, dist_info.world_size, evaluating=evaluating)
     info = state["data_info"]
     net = build_net(config, info).to(dist_info.device)
     net.load_state_dict(state["ema"]["model"] if config.sample.use_ema else state["model"])
     num_classes = info["num_classes"] if config.model.class_conditional else 0
     return config, process, net.eval(), info, num_classes, state, path
+
+
+class LoadedModel:
+    """A checkpoint ready to sample from in Python (a notebook), without the command line:
+
+        import main
+        model = main.load_model("ckpts/digits")          # newest good checkpoint, EMA weights
+        images, labels, nfe = model.sample(16, solver="heun", steps=10)
+
+    `sample` returns samples in data space (uint8 NHWC images or float 2-D points), the labels
+    (class i % num_classes for sample i; None when unconditional) and the NFE; any `sample.*`
+    key can be overridden by keyword. `net`, `process`, `config` and `data_info` are there for
+    anything else (e.g. sampling.generate or sampling.log_likelihood)."""
+
+    def __init__(self, ckpt, use_ema=True, device=None):
+        device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        self.dist = utils.DistInfo(device=device)
+        overrides = {"sample.use_ema": use_ema}
+        loaded = load_for_sampling(overrides, self.dist, ckpt=ckpt, evaluating=False)
+        self.config, self.process, self.net, self.data_info, self.num_classes = loaded[:5]
+        self.state, self.path, self.use_ema = loaded[5], loaded[6], use_ema
+
+    def sample(self, num, **sample_overrides):
+        overrides = {f"sample.{k}": v for k, v in sample_overrides.items()}
+        config = checkpoint_config(self.state, {"sample.use_ema": self.use_ema, **overrides})
+        process = check_config(config, 1, evaluating=False)  # re-resolves the time range
+        x, labels, nfe = trainer_lib.generate_distributed(
+            self.net,
+            process,
+            config.prediction.model_output,
+            tuple(self.data_info["shape"]),
+            num,
+            self.num_classes,
+            self.dist,
+            trainer_lib.sampler_kwargs(config),
+        )
+        labels = None if labels is None else labels.numpy()
+        return data_utils.to_data_space(x, self.data_info["kind"]), labels, nfe
+
+
+def load_model(ckpt, use_ema=True, device=None):
+    """LoadedModel of a checkpoint file or run directory (see LoadedModel)."""
+    return LoadedModel(ckpt, use_ema, device)
 
 
 def sample(config, config_overrides, dist_info):

@@ -166,3 +166,18 @@ def test_help_lists_every_mode_and_preset():
     for preset in config_lib.PRESETS:
         assert preset in result.stdout
     assert "config.py" in result.stdout
+
+
+def test_python_api_loads_a_checkpoint_and_samples(tmp_path):
+    """The README's notebook snippet: main.load_model + model.sample, no command line."""
+    trainer = main.train(tiny_config("digits", tmp_path, train__steps=2), {}, utils.DistInfo())
+    model = main.load_model(trainer.run_dir)
+    images, labels, nfe = model.sample(12, solver="euler", steps=3)
+    assert images.shape == (12, 8, 8, 1) and images.dtype == np.uint8
+    assert (labels == np.arange(12) % 10).all() and nfe == 3 + 1  # + the final denoising step
+    again, _, _ = model.sample(12, solver="euler", steps=3)
+    assert np.array_equal(images, again)  # per-sample seeds: the same samples every time
+    sde, _, nfe = model.sample(4, solver="euler_maruyama", steps=2)
+    assert sde.shape == (4, 8, 8, 1) and nfe == 3
+    with pytest.raises(ValueError, match="sample.solver"):
+        model.sample(2, solver="nope")
