@@ -53,7 +53,36 @@ class Stratified(Uniform):
         return self._scale((order + jitter) / n)
 
 
-TIME_SAMPLERS = {"uniform": Uniform, "logit_normal": LogitNormal, "stratified": Stratified}
+class EDMLogNormal(Uniform):
+    """EDM's noise-level distribution (Karras et al. 2022): ln s ~ N(p_mean, p_std^2), with
+    P_mean = -1.2, P_std = 1.2 by default, mapped to the process's time t = s^{-1}(s) through
+    `inverse_noise_level` (the process's inverse of its noise level s(t) = sigma(t) / alpha(t),
+    a callable float64 tensor -> float64 tensor, e.g. process.inverse_noise_level) and clamped to
+    [t_min, t_max] (levels outside the range land on its ends).
+    """
+
+    def __init__(self, t_min=0.0, t_max=1.0, p_mean=-1.2, p_std=1.2, inverse_noise_level=None):
+        super().__init__(t_min, t_max)
+        if inverse_noise_level is None:
+            raise ValueError(
+                "time_sampler.name=edm_lognormal needs inverse_noise_level (the process's)"
+            )
+        self.p_mean, self.p_std = p_mean, p_std
+        self.inverse_noise_level = inverse_noise_level
+
+    def __call__(self, n, generator=None, device="cpu"):
+        normal = torch.randn(n, generator=generator, device=device)
+        levels = torch.exp(self.p_mean + self.p_std * normal.double())
+        t = self.inverse_noise_level(levels).clamp(self.t_min, self.t_max)
+        return t.to(torch.get_default_dtype())
+
+
+TIME_SAMPLERS = {
+    "uniform": Uniform,
+    "logit_normal": LogitNormal,
+    "stratified": Stratified,
+    "edm_lognormal": EDMLogNormal,
+}
 
 
 def build_time_sampler(name, t_min=0.0, t_max=1.0, **kwargs):

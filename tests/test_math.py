@@ -176,4 +176,55 @@ def test_time_sampler_errors():
         build_time_sampler("beta")
     with pytest.raises(ValueError, match="t_min < t_max"):
         build_time_sampler("uniform", 0.5, 0.4)
-    assert set(TIME_SAMPLERS) == {"uniform", "logit_normal", "stratified"}
+    assert set(TIME_SAMPLERS) == {"uniform", "logit_normal", "stratified", "edm_lognormal"}
+
+
+# ---------------------------------------------------------------------------------------------
+# Issue 7, defects 1 and 3: exact endpoints, tolerant singularity checks, stable VP sigma.
+# ---------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("name", ["trig", "vp_cosine", "linear"])
+def test_alpha_is_exactly_zero_at_one_and_sigma_at_zero(name):
+    process = build_process(name)
+    for dtype in (torch.float32, torch.float64):
+        ends = torch.tensor([0.0, 1.0], dtype=dtype)
+        assert process.alpha(ends).tolist() == [1.0, 0.0]
+        assert process.sigma(ends).tolist() == [0.0, 1.0]
+
+
+class CosineTrig(Process):
+    """The old trig interpolant, alpha = cos(pi t / 2): alpha(1) = 6e-17, not 0."""
+
+    def alpha(self, t):
+        return torch.cos(0.5 * math.pi * t)
+
+    def sigma(self, t):
+        return torch.sin(0.5 * math.pi * t)
+
+    def alpha_dot(self, t):
+        return -0.5 * math.pi * torch.sin(0.5 * math.pi * t)
+
+    def sigma_dot(self, t):
+        return 0.5 * math.pi * torch.cos(0.5 * math.pi * t)
+
+
+def test_singular_times_tolerate_tiny_coefficients():
+    """An alpha of 6e-17 is a zero: eps -> velocity divides by it (1.6e16 times the error)."""
+    for process in (build_process("trig"), build_process("vp_cosine"), CosineTrig()):
+        assert prediction.singular_times(process, "eps", ["velocity"], [0.5, 1.0]) == [1.0]
+        assert prediction.singular_times(process, "eps", ["x0"], [0.5, 1.0]) == [1.0]
+        assert prediction.singular_times(process, "velocity", ["velocity"], [0.5, 1.0]) == []
+
+
+@pytest.mark.parametrize("name", ["vp_linear", "vp_cosine"])
+def test_vp_sigma_is_stable_in_float32_near_zero(name):
+    """sqrt(1 - alpha^2) loses 1e-4..1e-2 of sigma to cancellation in float32 at t = 1e-3..1e-4;
+    expm1 / trigonometric identities keep sigma and sigma_dot to a few ulps."""
+    process = build_process(name)
+    t64 = torch.tensor([1e-4, 3e-4, 1e-3, 1e-2, 0.5], dtype=torch.float64)
+    t32 = t64.float()
+    alpha, alpha_dot = process.alpha(t32.double()), process.alpha_dot(t32.double())
+    sigma_ref = torch.sqrt(1 - alpha**2)  # float64 cancellation: relative error 1e-11 at 1e-4
+    sigma_dot_ref = -alpha * alpha_dot / sigma_ref
+    rel = lambda a, b: ((a.double() - b) / b).abs().max().item()
+    assert rel(process.sigma(t32), sigma_ref) < 1e-6
+    assert rel(process.sigma_dot(t32), sigma_dot_ref) < 1e-6

@@ -230,3 +230,67 @@ def test_check_sampling_range_messages():
         linear, "velocity", "euler_maruyama", 0.01, 1.0, "process", 1, 10
     )
     assert "singular at t=1" in message
+
+
+# ---------------------------------------------------------------------------------------------
+# Issue 7, defects 1, 2, 4 and 5.
+# ---------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("name", ["trig", "vp_cosine"])
+@pytest.mark.parametrize("grid", ["edm", "logsnr"])
+def test_noise_level_grids_reject_alpha_zero_and_spread_their_steps(name, grid):
+    """alpha(1) = 0 makes t = 1 singular for these grids; from the trimmed t_max the steps spread
+    over the trajectory (with alpha(1) = 6e-17 almost every step sat at t > 0.99)."""
+    process = build_process(name)
+    assert sampling.grid_is_singular(grid, process, 1.0)
+    assert not sampling.grid_is_singular(grid, process, process.default_t_max)
+    times = sampling.TIME_GRIDS[grid](20, process.default_t_max, 1e-3, process)
+    assert (times > 0.99).sum() <= 7
+    errors = [
+        terminal_error(process, "velocity", "heun", n, process.default_t_max, 1e-3, grid)[0]
+        for n in (20, 40)
+    ]
+    assert errors[1] < 0.03 and errors[0] / errors[1] > 3.5  # second order: every step counts
+
+
+def karras_sigmas(n, sigma_min=0.002, sigma_max=80.0, rho=7.0):
+    """k-diffusion's get_sigmas_karras(n, ...) with its appended zero (EDM eq. 5)."""
+    ramp = torch.linspace(0, 1, n)
+    s = (sigma_max ** (1 / rho) + ramp * (sigma_min ** (1 / rho) - sigma_max ** (1 / rho))) ** rho
+    return torch.cat([s, torch.zeros(1)])
+
+
+def test_edm_grid_is_karras_grid_when_sigma_min_is_zero():
+    ve = build_process("ve")
+    torch.testing.assert_close(80 * sampling.edm_grid(18, 1.0, 0.0, ve), karras_sigmas(18))
+    linear = build_process("linear")  # the same noise levels s = t / (1 - t) for linear
+    times = sampling.edm_grid(18, 80 / 81, 0.0, linear)
+    torch.testing.assert_close(linear.noise_level(times), karras_sigmas(18))
+    assert ve.default_t_min * ve.sigma_max == pytest.approx(0.002)  # EDM's sigma_min for ve
+    assert ve.default_t_max == 1.0
+
+
+def test_dopri5_samples_do_not_depend_on_the_batch():
+    process = build_process("trig")
+    net = GaussianOracle(process, "eps")
+    kwargs = dict(solver="dopri5", steps=2, t_max=0.999, t_min=0.0, rtol=1e-4, atol=1e-4)
+    outs = [
+        sampling.generate(net, process, "eps", (2,), list(range(10)), 3, b, **kwargs)[0]
+        for b in (1, 3, 7, 10)
+    ]
+    for other in outs[1:]:
+        assert (other - outs[0]).abs().max().item() < 1e-12
+
+
+def test_sampler_start_is_the_marginal_at_t_max():
+    """vp_linear has alpha(1) = 0.0066: x_1 = alpha x0 + sigma x1 is N(alpha m, alpha^2 s^2 +
+    sigma^2), not N(0, sigma^2). Started there, the exact flow maps x1 to m + s x1."""
+    process = build_process("vp_linear")
+    x1 = torch.randn(512, 2, generator=torch.Generator().manual_seed(0))
+    net = GaussianOracle(process, "eps")
+    kwargs = dict(solver="rk4", steps=64, t_max=1.0, t_min=1e-4, grid="logsnr")
+    x, _ = sampling.sample(net, process, "eps", x1, data_mean=MEAN, data_std=STD, **kwargs)
+    c0 = prediction.coefs_at(process, torch.tensor(1e-4), x1)
+    exact = c0.alpha * MEAN + torch.sqrt(c0.alpha**2 * STD**2 + c0.sigma**2) * x1
+    assert (x - exact).abs().max().item() < 1e-4
+    legacy, _ = sampling.sample(net, process, "eps", x1, data_mean=0.0, data_std=0.0, **kwargs)
+    assert (legacy - exact).abs().max().item() > 5e-3  # the start N(0, sigma^2) of before
