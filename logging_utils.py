@@ -157,6 +157,37 @@ def progress_bar(total, initial, enabled):
     )
 
 
+class TaskProgress:
+    """A tqdm bar fed by `progress(done, total)` callbacks (sampling, likelihood), shown on the
+    main rank only and only for work that lasts more than `delay` seconds. Use as a context
+    manager, or call close()."""
+
+    def __init__(self, description, enabled=True, delay=2.0):
+        self.description, self.enabled, self.delay = description, enabled, delay
+        self.bar = None
+
+    def __call__(self, done, total):
+        if not self.enabled:
+            return
+        if self.bar is None:
+            self.bar = tqdm(
+                total=total, desc=self.description, delay=self.delay, leave=False, mininterval=1.0
+            )
+        self.bar.total = total
+        self.bar.update(done - self.bar.n)
+
+    def close(self):
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
 def image_grid(images, nrow=None, padding=1, upscale=1):
     """Tile uint8 images (N, H, W, C) into one (rows, cols) grid array with a padding border.
 

@@ -122,6 +122,8 @@ def registry_choices():
         "process.base": BASES,
         "prediction.model_output": prediction.PREDICTION_TYPES,
         "prediction.target": prediction.PREDICTION_TYPES,
+        "prediction.preconditioning": prediction.PRECONDITIONINGS,
+        "prediction.loss_weight": prediction.LOSS_WEIGHTS,
         "time_sampler.name": time_samplers.TIME_SAMPLERS,
         "sample.solver": sampling.SOLVERS,
         "sample.grid": sampling.TIME_GRIDS,
@@ -166,7 +168,23 @@ def check_combinations(config):
             f"sample.solver={s.solver} needs a score, which process.base={base} "
             f"without a gamma lacks: set process.gamma=sqrt (or use an ODE solver)"
         )
+    if p.preconditioning == "edm" and p.model_output != "x0":
+        raise ValueError(
+            f"prediction.preconditioning=edm makes the network an x0 predictor (EDM's D): set "
+            f"prediction.model_output=x0 (prediction.target may be any type), not "
+            f"{p.model_output}"
+        )
+    if p.loss_weight != "none" and (stochastic or base != "gaussian"):
+        raise ValueError(
+            f"prediction.loss_weight={p.loss_weight} needs process.gamma=none and "
+            f"process.base=gaussian (it is defined through x0 / eps errors)"
+        )
     no_x0 = base != "gaussian" or stochastic
+    if no_x0 and s.solver in sampling.NOISE_LEVEL_SOLVERS:
+        raise ValueError(
+            f"sample.solver={s.solver} works on the denoiser x0_hat, which {where} lacks: use "
+            f"{sorted(sampling.ODE_SOLVERS)} or {sorted(sampling.SDE_SOLVERS)}"
+        )
     if no_x0 and (s.denoise_final or s.clip_x0 != "none"):
         raise ValueError(
             f"sample.denoise_final / sample.clip_x0 need an x0 estimate, which "
@@ -180,8 +198,9 @@ def check_combinations(config):
 
 
 def resolve_time_ranges(config, process):
-    """Fill unset t_min / t_max: [0, 1] trimmed by 1e-3 at an end where the training pairing
-    (or the sampler's field, grid or diffusion) is singular; then check the whole range."""
+    """Fill unset t_min / t_max: [0, 1] trimmed to the process's default_t_min / default_t_max
+    (1e-3 from the ends; EDM's sigma_min for ve) at an end where the training pairing (or the
+    sampler's field, grid or diffusion) is singular; then check the whole range."""
     p, s = config.prediction, config.sample
     train_dsts = (p.target,)
     sampler = dict(
@@ -193,25 +212,31 @@ def resolve_time_ranges(config, process):
         grid=s.grid,
         learn_z=process.stochastic,
         need_x0=s.denoise_final or s.clip_x0 != "none",
+        preconditioning=p.preconditioning,
+        sigma_data=p.sigma_data,
     )
+    weighting = (p.preconditioning, p.loss_weight, p.sigma_data, p.min_snr_gamma)
+
+    def train_singular_times(times):
+        return prediction.singular_times(process, p.model_output, train_dsts, times, *weighting)
 
     def train_singular(t):
-        return bool(prediction.singular_times(process, p.model_output, train_dsts, [t]))
+        return bool(train_singular_times([t]))
 
     def sample_singular(t):
         return bool(sampling.singular_sampling_times(times=[t], **sampler))
 
     def fill(section, singular):
         if section.t_min is None:
-            section.t_min = 1e-3 if singular(0.0) else 0.0
+            section.t_min = process.default_t_min if singular(0.0) else 0.0
         if section.t_max is None:
-            section.t_max = 1.0 - 1e-3 if singular(1.0) else 1.0
+            section.t_max = process.default_t_max if singular(1.0) else 1.0
 
     with config.unlocked():
         fill(config.time_sampler, train_singular)
         fill(s, sample_singular)
     ts = config.time_sampler
-    bad = prediction.singular_times(process, p.model_output, train_dsts, [ts.t_min, ts.t_max])
+    bad = train_singular_times([ts.t_min, ts.t_max])
     if bad:
         raise ValueError(
             f"training {p.model_output} outputs against {p.target} targets with process "
@@ -290,7 +315,14 @@ def build_trainer(config, dist_info):
     dataset = build_dataset(config, dist_info)
     ts = config.time_sampler
     time_sampler = time_samplers.build_time_sampler(
-        ts.name, ts.t_min, ts.t_max, mean=ts.mean, std=ts.std
+        ts.name,
+        ts.t_min,
+        ts.t_max,
+        mean=ts.mean,
+        std=ts.std,
+        p_mean=ts.p_mean,
+        p_std=ts.p_std,
+        inverse_noise_level=process.inverse_noise_level,
     )
     utils.seed_everything(config.seed)  # identical initial weights on every rank
     net = build_net(config, trainer_lib.data_info_of(dataset))

@@ -592,6 +592,7 @@ def sample(
     s_tmin=0.0,
     s_tmax=float("inf"),
     s_noise=1.0,
+    progress=None,
 ):
     """Integrate from the base sample x1 at t_max to t_min; returns (x, nfe).
 
@@ -604,7 +605,8 @@ def sample(
 
     `denoise_final` replaces the last state by the model's x0 estimate at t_min (one more NFE).
     `noise(x)` draws the SDE noise (default torch.randn_like). `trajectory`, if a list, receives
-    (t, x) at every grid time from t_max down to t_min.
+    (t, x) at every grid time from t_max down to t_min. `progress(i, steps)`, if given, is
+    called after grid step i.
     """
     if solver not in SOLVERS:
         raise ValueError(f"sample.solver={solver!r} is unknown; valid choices: {sorted(SOLVERS)}")
@@ -624,10 +626,13 @@ def sample(
     )
     times = TIME_GRIDS[grid](steps, t_max, t_min, process)
     x = initial_state(process, x1, t_max, data_mean, data_std, gaussian_base)
-    callback = None
+    callbacks = []
     if trajectory is not None:
         trajectory.append((float(times[0]), x))
-        callback = lambda i, state: trajectory.append((float(times[i]), state))
+        callbacks.append(lambda i, state: trajectory.append((float(times[i]), state)))
+    if progress is not None:
+        callbacks.append(lambda i, state: progress(i, steps))
+    callback = (lambda i, state: [fn(i, state) for fn in callbacks]) if callbacks else None
     if solver in NOISE_LEVEL_SOLVERS:
         churn = dict(s_churn=s_churn, s_tmin=s_tmin, s_tmax=s_tmax, s_noise=s_noise)
         x = NOISE_LEVEL_SOLVERS[solver](
@@ -688,14 +693,21 @@ def generate(
     device="cpu",
     base_sampler=None,
     trajectory=None,
+    progress=None,
     **sampler_kwargs,
 ):
     """Samples number `indices` (a list of ints) of a run with base seed `seed`, in batches of
     `batch_size`. `labels` gives the class of each index (a (len(indices),) long tensor) for a
     conditional net; `base_sampler(n, generator)` draws a non-Gaussian base. Returns (x, nfe of
-    one batch). `trajectory`, if a list, receives the (t, x) states of the first batch."""
+    one batch). `trajectory`, if a list, receives the (t, x) states of the first batch.
+    `progress(done, total)`, if given, is called after every grid step of every batch."""
     outputs, nfe = [], 0
+    num_batches = -(-len(indices) // batch_size)
     for start in range(0, len(indices), batch_size):
+        batch_progress = None
+        if progress is not None:
+            batch = start // batch_size
+            batch_progress = lambda i, steps, b=batch: progress(b * steps + i, num_batches * steps)
         chunk = indices[start : start + batch_size]
         noise = PerSampleNoise(seed, chunk, device)
         template = torch.empty((len(chunk), *shape), device=device)
@@ -711,6 +723,7 @@ def generate(
             noise=noise,
             trajectory=record,
             gaussian_base=base_sampler is None,
+            progress=batch_progress,
             **sampler_kwargs,
         )
         outputs.append(x)

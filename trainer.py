@@ -74,6 +74,9 @@ class DiffusionTrainer:
         self.model_output, self.target = config.prediction.model_output, config.prediction.target
         self.num_classes = dataset.num_classes if config.model.class_conditional else 0
         self.learn_z = process.stochastic  # the net also outputs the z-denoiser eta_z
+        p = config.prediction
+        self.precond = prediction.build_preconditioning(p.preconditioning, process, p.sigma_data)
+        self.loss_weighting = (p.loss_weight, p.sigma_data, p.min_snr_gamma)
         self.base_sampler = base_sampler(config.process.base)
         self.ot_pairing = config.train.ot_pairing
         self.class_dropout = config.model.class_dropout if self.num_classes else 0.0
@@ -150,16 +153,22 @@ class DiffusionTrainer:
             y = torch.where(drop, torch.full_like(y, self.num_classes), y)
         else:
             y = None
-        x_in = x_t * bcast(self.process.input_scale(t), x_t)
+        x_in, t_in = self.precond.inputs(
+            x_t, t
+        )  # none: x_t * input_scale(t), t; EDM: c_in, c_noise
         with self.autocast():
-            out = self.model(x_in, t, y).float()
+            out = self.model(x_in, t_in, y).float()
         c = prediction.coefs_at(self.process, t, x_t)
         if self.learn_z:
             out, eta_z = out.chunk(2, dim=1)
+        out = self.precond.output(out, x_t, t)  # EDM: c_skip x + c_out F
         pred, target = prediction.regression_pair(
             out, x0, x1, x_t, c, self.model_output, self.target, z
         )
-        loss = (pred - target).pow(2).mean()
+        weight = prediction.loss_weight(
+            self.loss_weighting[0], self.process, t, self.target, *self.loss_weighting[1:]
+        )
+        loss = (bcast(weight, pred) * (pred - target).pow(2)).mean()
         if self.learn_z:
             loss = loss + (eta_z - z).pow(2).mean()
         return loss
@@ -506,6 +515,13 @@ def sampler_kwargs(config, **overrides):
         atol=s.atol,
         learn_z=config.process.gamma != "none",
         base_sampler=base_sampler(config.process.base),
+        preconditioning=config.prediction.preconditioning,
+        sigma_data=config.prediction.sigma_data,
+        data_std=config.prediction.sigma_data,
+        s_churn=s.s_churn,
+        s_tmin=s.s_tmin,
+        s_tmax=s.s_tmax,
+        s_noise=s.s_noise,
     )
     kwargs.update(overrides)
     return kwargs
@@ -519,18 +535,20 @@ def generate_distributed(
     `trajectory`, if a list, receives this rank's first batch's (t, x) states."""
     indices = list(range(dist_info.rank, num, dist_info.world_size))
     labels = torch.tensor(indices, dtype=torch.long) % num_classes if num_classes else None
-    x, nfe = sampling.generate(
-        net,
-        process,
-        model_output,
-        shape,
-        indices,
-        labels=labels,
-        num_classes=num_classes,
-        device=dist_info.device,
-        trajectory=trajectory,
-        **kwargs,
-    )
+    with logging_utils.TaskProgress("sampling", dist_info.is_main) as progress:
+        x, nfe = sampling.generate(
+            net,
+            process,
+            model_output,
+            shape,
+            indices,
+            labels=labels,
+            num_classes=num_classes,
+            device=dist_info.device,
+            trajectory=trajectory,
+            progress=progress,
+            **kwargs,
+        )
     parts = utils.all_gather_objects((indices, x.cpu()))
     order = torch.tensor([i for idx, _ in parts for i in idx]).argsort()
     x = torch.cat([p for _, p in parts])[order]
@@ -589,26 +607,30 @@ def nll_metrics(net, process, config, nll_data, dist_info, num_classes, kind):
     mine = slice(dist_info.rank, None, dist_info.world_size)
     x, y = x[mine].to(dist_info.device), y[mine].to(dist_info.device)
     dims = x[0].numel()
-    divergence = (
-        e.divergence if e.divergence != "auto" else ("exact" if dims <= 64 else "hutchinson")
-    )
-    log_p, nfe = sampling.log_likelihood(
-        net,
-        process,
-        config.prediction.model_output,
-        x,
-        solver=e.nll_solver,
-        steps=e.nll_steps,
-        t_min=s.t_min,
-        t_max=s.t_max,
-        divergence=divergence,
-        num_probes=e.num_probes,
-        seed=e.seed + dist_info.rank,
-        y=y if num_classes else None,
-        rtol=s.rtol,
-        atol=s.atol,
-        learn_z=process.stochastic,
-    )
+    divergence = sampling.choose_divergence(e.divergence, dims)
+    progress = logging_utils.TaskProgress("likelihood", dist_info.is_main)
+    with progress:
+        log_p, nfe = sampling.log_likelihood(
+            net,
+            process,
+            config.prediction.model_output,
+            x,
+            solver=e.nll_solver,
+            steps=e.nll_steps,
+            t_min=s.t_min,
+            t_max=s.t_max,
+            divergence=divergence,
+            num_probes=e.num_probes,
+            seed=e.seed + dist_info.rank,
+            y=y if num_classes else None,
+            rtol=s.rtol,
+            atol=s.atol,
+            learn_z=process.stochastic,
+            preconditioning=config.prediction.preconditioning,
+            sigma_data=config.prediction.sigma_data,
+            data_std=config.prediction.sigma_data,
+            progress=progress,
+        )
     nll = torch.cat(utils.all_gather_objects((-log_p / dims).double().cpu()))
     metrics = {
         "nll_nats_per_dim": nll.mean().item(),

@@ -256,8 +256,10 @@ def test_keys_without_a_rule_get_generic_rules():
         "prediction.sigma_data=0.0 must be a finite number > 0"
     )
     assert rejection("digits", "train.ema_stds", (0.05, -0.1)) == (
-        "train.ema_stds=(0.05, -0.1) must be a non-empty tuple of finite numbers > 0"
+        "train.ema_stds=(0.05, -0.1) must be a non-empty tuple of relative stds in "
+        "(0, 0.2887), e.g. (0.05, 0.10)"
     )
+    assert rejection("digits", "train.ema_stds", (0.05, 0.3)).startswith("train.ema_stds=")
     main.check_config(with_value("digits", "model.patch_size", 2), 1)
     main.check_config(with_value("digits", "model.some_flag_count", 0), 1)  # not a size name
 

@@ -78,8 +78,9 @@ def test_unset_time_ranges_are_resolved_per_pairing():
     c.process.name, c.prediction.model_output, c.prediction.target = "vp_cosine", "eps", "eps"
     c.sample.solver = "euler_maruyama"
     main.check_config(c, 1)
-    assert (c.time_sampler.t_min, c.time_sampler.t_max) == (1e-3, 1.0)
-    assert (c.sample.t_min, c.sample.t_max) == (1e-3, 1.0)
+    assert (c.time_sampler.t_min, c.time_sampler.t_max) == (1e-3, 1.0)  # eps -> eps: fine at 1
+    # the sampler's velocity needs x0_hat = (x - sigma eps_hat) / alpha, and alpha(1) = 0
+    assert (c.sample.t_min, c.sample.t_max) == (1e-3, 1.0 - 1e-3)
 
 
 def test_every_preset_validates():
