@@ -1,7 +1,7 @@
 """What the network outputs, what the loss regresses, and the closed-form conversions between them.
 
 With x_t = alpha x0 + sigma x1 (x1 the Gaussian base sample, estimated by eps_hat), every
-prediction type is a function of (x_t, t) and the pair (x0_hat, eps_hat) (DESIGN.md):
+prediction type is a function of (x_t, t) and the pair (x0_hat, eps_hat) (docs/design.md):
 
     x0       = x0_hat
     eps      = eps_hat
@@ -118,7 +118,7 @@ def velocity_and_score(out, kind, x_t, c):
 def reverse_sde_drift(velocity, score, diffusion):
     """Drift of the reverse-time SDE, velocity - eps(t) * score, for diffusion coefficient eps(t).
 
-    Integrated backwards as x <- x - h * drift + sqrt(2 eps(t) h) * noise (DESIGN.md).
+    Integrated backwards as x <- x - h * drift + sqrt(2 eps(t) h) * noise (docs/design.md).
     """
     return velocity - diffusion * score
 

@@ -1,6 +1,6 @@
 """Interpolants: x_t = alpha(t) * x0 + sigma(t) * x1 + gamma(t) * z, with t in [0, 1].
 
-Conventions (see DESIGN.md): x0 is data, x1 is the base sample (standard Gaussian unless the
+Conventions (see docs/design.md): x0 is data, x1 is the base sample (standard Gaussian unless the
 config names another base), z ~ N(0, I) is the latent of a stochastic interpolant, t = 0 is data
 and t = 1 is base. Every process gives alpha, sigma and their time derivatives alpha_dot,
 sigma_dot, vectorised over a tensor t of any shape (the result has the shape of t); gamma and
@@ -80,7 +80,7 @@ class Process:
 
         The forward SDE dx = f(t) x dt + g(t) dW with the same marginals as x_t has
         f = alpha_dot / alpha and g^2 = 2 sigma^2 d/dt log(sigma / alpha), and the reverse-time SDE
-        of DESIGN.md uses eps(t) = g(t)^2 / 2 = sigma * sigma_dot - sigma^2 * alpha_dot / alpha.
+        of docs/design.md uses eps(t) = g(t)^2 / 2 = sigma * sigma_dot - sigma^2 * alpha_dot / alpha.
         For a VP process this is beta(t) / 2; for `linear` it is t / (1 - t).
         """
         alpha, sigma, alpha_dot, sigma_dot = self.coefficients(t)
