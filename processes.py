@@ -79,8 +79,9 @@ class Process:
         """The diffusion coefficient eps(t) of the process's own forward SDE.
 
         The forward SDE dx = f(t) x dt + g(t) dW with the same marginals as x_t has
-        f = alpha_dot / alpha and g^2 = 2 sigma^2 d/dt log(sigma / alpha), and the reverse-time SDE
-        of docs/design.md uses eps(t) = g(t)^2 / 2 = sigma * sigma_dot - sigma^2 * alpha_dot / alpha.
+        f = alpha_dot / alpha and g^2 = 2 sigma^2 d/dt log(sigma / alpha), and the reverse-time
+        SDE of docs/design.md uses
+        eps(t) = g(t)^2 / 2 = sigma * sigma_dot - sigma^2 * alpha_dot / alpha.
         For a VP process this is beta(t) / 2; for `linear` it is t / (1 - t).
         """
         alpha, sigma, alpha_dot, sigma_dot = self.coefficients(t)
