@@ -4,7 +4,7 @@
 # Usage: sh scripts/ensure_requirements.sh   (from anywhere; PYTHON overrides the interpreter)
 cd "$(dirname "$0")/.." || exit 1
 PY=${PYTHON:-python3}
-MODULES="torch numpy scipy sklearn ml_collections absl tqdm PIL matplotlib wandb torchdiffeq pytest"
+MODULES="torch numpy scipy sklearn ml_collections absl tqdm PIL matplotlib wandb pytest"
 if $PY -c "import importlib, sys; [importlib.import_module(m) for m in sys.argv[1:]]" $MODULES \
     2>/dev/null; then
   exit 0
