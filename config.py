@@ -107,6 +107,17 @@ def base_config():
     c.train.keep_ckpts = 2  # newest checkpoints kept in the run directory
     c.train.eval_every = 0  # run the evaluation (see `eval`) every N steps; 0 disables
     c.train.ot_pairing = False  # minibatch optimal-transport pairing of x0 and x1 (OT-CFM)
+    # Training objective (objectives.OBJECTIVES): flow (regression, any solver) | meanflow (the
+    # average velocity u(x_t, r, t), Geng et al. 2025; needs model.time_inputs=2) | consistency
+    # (iCT, Song & Dhariwal 2023). The last two sample with sample.solver=few_step.
+    c.train.objective = "flow"
+    c.train.meanflow_ratio = 0.25  # meanflow: fraction of samples with r != t
+    c.train.meanflow_p = 1.0  # meanflow: adaptive weight 1 / (|delta|^2 + c)^p; 0: plain MSE
+    c.train.meanflow_c = 1e-3
+    c.train.meanflow_time_scale = 1e-3  # meanflow: the net sees t * this (nets embed 1000 t)
+    c.train.consistency_s_min, c.train.consistency_s_max = 0.002, 80.0  # noise-level range
+    c.train.consistency_p_mean, c.train.consistency_p_std = -1.1, 2.0  # level distribution
+    c.train.consistency_s0, c.train.consistency_s1 = 10, 1280  # discretisation doubling s0 -> s1
     c.train.max_bad_steps = 20  # consecutive non-finite steps before the run stops; 0: never
     c.train.init_from = ""  # start a new run from the weights of this checkpoint (or run dir)
 
@@ -122,6 +133,7 @@ def base_config():
     c.sample.s_tmin = 0.0  # edm_sde: churn only where the noise level s is in [s_tmin, s_tmax]
     c.sample.s_tmax = 1e9
     c.sample.s_noise = 1.0  # edm_sde: std of the added noise, relative
+    c.sample.consistency_levels = ()  # few_step consistency noise levels; (): rho-7 grid from 80
     c.sample.rtol = 1e-5  # dopri5 tolerances
     c.sample.atol = 1e-5
     c.sample.denoise_final = True  # finish with the model's x0 estimate at t_min
@@ -205,6 +217,27 @@ def edm_cifar10():
     c.train.batch_size, c.train.lr, c.train.grad_clip = 512, 1e-3, 0.0
     c.train.warmup_steps, c.train.steps = 19_500, 390_000  # 10 Mimg and 200 Mimg at batch 512
     c.train.ema_decay = 0.5 ** (1 / 977)  # half-life 0.5 Mimg = 977 steps
+    return c
+
+
+def digits_meanflow():
+    """digits with MeanFlow: one-step generation (sample.solver=few_step, 1 step). A training
+    step costs about 2.4x a flow step (the Jacobian-vector product)."""
+    c = digits()
+    c.train.objective, c.model.time_inputs = "meanflow", 2
+    c.time_sampler.name, c.time_sampler.mean, c.time_sampler.std = "logit_normal", -0.4, 1.0
+    c.train.steps, c.train.lr = 2000, 1e-3
+    c.sample.solver, c.sample.steps = "few_step", 1
+    return c
+
+
+def digits_consistency():
+    """digits with consistency training (iCT form): one-step generation. About 1.3x the cost of
+    a flow step; a short discretisation schedule (s1 = 160) suits short runs."""
+    c = digits()
+    c.train.objective, c.train.steps, c.train.lr = "consistency", 3000, 1e-3
+    c.train.consistency_s1 = 160
+    c.sample.solver, c.sample.steps = "few_step", 1
     return c
 
 
@@ -337,6 +370,8 @@ PRESETS = {
         cifar10_dit,
         edm_digits,
         edm_cifar10,
+        digits_meanflow,
+        digits_consistency,
         imagefolder,
         imagefolder_small,
     )

@@ -30,6 +30,7 @@ import dit
 import ema
 import evaluation
 import logging_utils
+import objectives
 import optimizers
 import prediction
 import sampling
@@ -117,6 +118,7 @@ def registry_choices():
         "model.pos_embed": dit.POSITION_EMBEDDINGS,
         "model.time_inputs": (1, 2),
         "train.ema": ema.EMAS,
+        "train.objective": objectives.OBJECTIVES,
         "process.name": PROCESSES,
         "process.gamma": GAMMAS,
         "process.base": BASES,
@@ -168,6 +170,7 @@ def check_combinations(config):
             f"sample.solver={s.solver} needs a score, which process.base={base} "
             f"without a gamma lacks: set process.gamma=sqrt (or use an ODE solver)"
         )
+    check_objective(config)
     if p.preconditioning == "edm" and p.model_output != "x0":
         raise ValueError(
             f"prediction.preconditioning=edm makes the network an x0 predictor (EDM's D): set "
@@ -194,6 +197,40 @@ def check_combinations(config):
         raise ValueError(
             f"eval.nll_num > 0 needs a Gaussian base density: set eval.nll_num=0 "
             f"for process.base={base}"
+        )
+
+
+def check_objective(config):
+    """One line for a train.objective that cannot work with the rest of the config."""
+    c, s, p = config.train, config.sample, config.prediction
+    objective = objectives.build_objective(
+        c.objective, time_sampler=None, s_min=c.consistency_s_min, s_max=c.consistency_s_max
+    )
+    if objective.needs_time_inputs != config.model.time_inputs:
+        raise ValueError(
+            f"train.objective={c.objective} needs model.time_inputs="
+            f"{objective.needs_time_inputs} (it is {config.model.time_inputs})"
+        )
+    pc = config.process
+    process = build_process(pc.name, gamma=pc.gamma, gamma_scale=pc.gamma_scale)
+    message = objective.processes_allowed(process, pc.base)
+    if message:
+        raise ValueError(message)
+    few_step = s.solver in sampling.FEW_STEP_SOLVERS
+    if few_step != (c.objective != "flow"):
+        raise ValueError(
+            f"sample.solver={s.solver} does not fit train.objective={c.objective}: use "
+            f"sample.solver=few_step for meanflow / consistency models, an ODE / SDE solver "
+            f"for flow models"
+        )
+    if c.objective != "flow" and (p.preconditioning, p.loss_weight) != ("none", "none"):
+        raise ValueError(
+            f"train.objective={c.objective} sets its own parametrisation and weighting: set "
+            f"prediction.preconditioning=none and prediction.loss_weight=none"
+        )
+    if few_step and s.guidance_scale != 1.0:
+        raise ValueError(
+            "sample.solver=few_step does not apply guidance: set sample.guidance_scale=1"
         )
 
 
@@ -654,7 +691,7 @@ def check_argv(argv):
     for arg in argv[1:]:
         if arg.startswith("--config="):
             config_arg = arg.split("=", 1)[1]
-    path, _, preset = (config_arg or "config.py").partition(":")
+    path, _, preset = (config_arg or os.path.join(HERE, "config.py")).partition(":")
     if not os.path.isfile(path):
         fail(
             f"--config={config_arg}: no such config file; use --config=config.py:PRESET with a "

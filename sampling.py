@@ -21,6 +21,7 @@ import math
 
 import torch
 
+import objectives
 import prediction
 import utils
 from processes import bcast
@@ -505,7 +506,9 @@ def edm_sde(
 
 
 NOISE_LEVEL_SOLVERS = {"edm_sde": edm_sde}
-SOLVERS = {**ODE_SOLVERS, **SDE_SOLVERS, **NOISE_LEVEL_SOLVERS}
+# Jumps of a model trained with train.objective=meanflow / consistency (objectives.py).
+FEW_STEP_SOLVERS = {"few_step": objectives.few_step_sample}
+SOLVERS = {**ODE_SOLVERS, **SDE_SOLVERS, **NOISE_LEVEL_SOLVERS, **FEW_STEP_SOLVERS}
 NFE_PER_STEP = {
     "euler": 1,
     "heun": 2,
@@ -593,8 +596,14 @@ def sample(
     s_tmax=float("inf"),
     s_noise=1.0,
     progress=None,
+    objective="flow",
+    time_scale=None,
+    levels=None,
 ):
     """Integrate from the base sample x1 at t_max to t_min; returns (x, nfe).
+
+    `solver=few_step` instead makes `steps` jumps of a meanflow / consistency model
+    (`objective`, with its `time_scale` and consistency `levels`; objectives.few_step_sample).
 
     `preconditioning`, `sigma_data`: how the net's input and output are scaled (Field).
     `s_churn`, `s_tmin`, `s_tmax`, `s_noise`: the churn of the `edm_sde` solver (EDM's
@@ -610,6 +619,25 @@ def sample(
     """
     if solver not in SOLVERS:
         raise ValueError(f"sample.solver={solver!r} is unknown; valid choices: {sorted(SOLVERS)}")
+    if solver in FEW_STEP_SOLVERS:
+        return FEW_STEP_SOLVERS[solver](
+            net,
+            process,
+            x1,
+            steps,
+            objective,
+            y=y,
+            noise=noise,
+            t_max=t_max,
+            t_min=t_min,
+            levels=levels or None,
+            sigma_data=sigma_data,
+            time_scale=time_scale,
+            trajectory=trajectory,
+            data_mean=data_mean,
+            data_std=data_std,
+            gaussian_base=gaussian_base,
+        )
     field = Field(
         net,
         process,

@@ -33,6 +33,7 @@ import checkpoints
 import data_utils
 import evaluation
 import logging_utils
+import objectives
 import prediction
 import sampling
 import utils
@@ -77,6 +78,21 @@ class DiffusionTrainer:
         p = config.prediction
         self.precond = prediction.build_preconditioning(p.preconditioning, process, p.sigma_data)
         self.loss_weighting = (p.loss_weight, p.sigma_data, p.min_snr_gamma)
+        self.objective = objectives.build_objective(
+            c.objective,
+            time_sampler=time_sampler,
+            ratio=c.meanflow_ratio,
+            adaptive_p=c.meanflow_p,
+            adaptive_c=c.meanflow_c,
+            time_scale=c.meanflow_time_scale,
+            s_min=c.consistency_s_min,
+            s_max=c.consistency_s_max,
+            sigma_data=p.sigma_data,
+            p_mean=c.consistency_p_mean,
+            p_std=c.consistency_p_std,
+            s0=c.consistency_s0,
+            s1=c.consistency_s1,
+        )
         self.base_sampler = base_sampler(config.process.base)
         self.ot_pairing = config.train.ot_pairing
         self.class_dropout = config.model.class_dropout if self.num_classes else 0.0
@@ -124,8 +140,9 @@ class DiffusionTrainer:
     # One step.
     # -----------------------------------------------------------------------------------------
     def draw_step_noise(self):
-        """t, x1, z (None unless stochastic) and the label-dropout mask of the whole global batch
-        of this step, from generators seeded by (seed, step), shaped (accum, micro, world, ...)."""
+        """t, x1, z (None unless stochastic), the label-dropout mask and the objective's extra
+        randomness (None for flow) of the whole global batch of this step, from generators
+        seeded by (seed, step), shaped (accum, micro, world, ...)."""
         generator = utils.step_generator(self.config.seed, self.step, self.device)
         n, shape = self.config.train.batch_size, self.dataset.shape
         t = self.time_sampler(n, generator=generator, device=self.device)
@@ -140,19 +157,27 @@ class DiffusionTrainer:
         z = None
         if self.process.stochastic:
             z = torch.randn((n, *shape), generator=generator, device=self.device)
+        extra = self.objective.draw(n, generator, self.device, t)  # drawn last: flow unchanged
         split = (self.grad_accum, self.micro_batch, self.dist.world_size)
-        return [None if v is None else v.reshape(*split, *v.shape[1:]) for v in (t, x1, z, drop)]
+        draws = (t, x1, z, drop, extra)
+        return [None if v is None else v.reshape(*split, *v.shape[1:]) for v in draws]
 
-    def loss(self, x0, y, t, x1, z, drop):
+    def loss(self, x0, y, t, x1, z, drop, extra=None):
         """MSE between the model output (converted to the target type) and the target, plus the
-        MSE of the z-denoiser eta_z against z for a stochastic interpolant."""
+        MSE of the z-denoiser eta_z against z for a stochastic interpolant; or the loss of a
+        meanflow / consistency objective (objectives.py), given the DDP-wrapped model."""
         if self.ot_pairing:
             x1 = x1[minibatch_ot_permutation(x0, x1)]
-        x_t = self.process.interpolate(x0, x1, t, z)
         if self.num_classes:
             y = torch.where(drop, torch.full_like(y, self.num_classes), y)
         else:
             y = None
+        if self.objective.name != "flow":
+            with self.autocast():
+                return self.objective.loss(
+                    self.model, self.process, x0, x1, t, extra, y, self.step, self.steps
+                )
+        x_t = self.process.interpolate(x0, x1, t, z)
         x_in, t_in = self.precond.inputs(
             x_t, t
         )  # none: x_t * input_scale(t), t; EDM: c_in, c_noise
@@ -180,13 +205,14 @@ class DiffusionTrainer:
         optimizer moment or EMA; `stop` is 1 when any rank had `stop_requested`. Both come from
         one all-reduce of two flags, so every rank takes the same decisions."""
         self.model.train()
-        t_all, x1_all, z_all, drop_all = self.draw_step_noise()
+        t_all, x1_all, z_all, drop_all, extra_all = self.draw_step_noise()
         rank = self.dist.rank
         loss_sum = torch.zeros((), device=self.device)
         for micro in range(self.grad_accum):
             x0, y = next(self.loader)
             t, x1, drop = t_all[micro, :, rank], x1_all[micro, :, rank], drop_all[micro, :, rank]
             z = None if z_all is None else z_all[micro, :, rank]
+            extra = None if extra_all is None else extra_all[micro, :, rank]
             last = micro == self.grad_accum - 1
             sync = (
                 contextlib.nullcontext()
@@ -194,7 +220,7 @@ class DiffusionTrainer:
                 else self.model.no_sync()
             )
             with sync:
-                loss = self.loss(x0, y, t, x1, z, drop) / self.grad_accum
+                loss = self.loss(x0, y, t, x1, z, drop, extra) / self.grad_accum
                 loss.backward()
             loss_sum += loss.detach()
         grad_norm = clip_gradients(self.net, self.config.train.grad_clip)
@@ -522,6 +548,9 @@ def sampler_kwargs(config, **overrides):
         s_tmin=s.s_tmin,
         s_tmax=s.s_tmax,
         s_noise=s.s_noise,
+        objective=config.train.objective,
+        time_scale=config.train.meanflow_time_scale,
+        levels=tuple(s.consistency_levels),
     )
     kwargs.update(overrides)
     return kwargs

@@ -2,10 +2,12 @@
 
 import json
 import os
+import subprocess
+import sys
 
 import numpy as np
 import pytest
-from helpers import run_main, tiny_config
+from helpers import ROOT, run_main, tiny_config
 from PIL import Image
 
 import config as config_lib
@@ -182,3 +184,15 @@ def test_python_api_loads_a_checkpoint_and_samples(tmp_path):
     assert sde.shape == (4, 8, 8, 1) and nfe == 3
     with pytest.raises(ValueError, match="sample.solver"):
         model.sample(2, solver="nope")
+
+
+def test_main_runs_from_another_directory(tmp_path):
+    """The default config file is found next to main.py, whatever the working directory."""
+    result = subprocess.run(
+        [sys.executable, os.path.join(ROOT, "main.py"), "--config.train.stepz=1"],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+    )
+    assert result.returncode == 1
+    assert result.stderr.startswith("error: config key 'train.stepz' does not exist")

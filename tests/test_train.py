@@ -267,3 +267,32 @@ def test_degenerate_samples_are_reported_in_one_line():
     collapsed = torch.full((8, 1, 4, 4), 0.25)
     assert "collapsed" in degenerate_samples_message(collapsed, "velocity", "linear")
     assert degenerate_samples_message(collapsed[:1], "velocity", "linear") is None
+
+
+@pytest.mark.parametrize("preset", ["digits_meanflow", "digits_consistency"])
+def test_few_step_objectives_train_resume_and_sample(tmp_path, preset):
+    """meanflow / consistency presets train through the trainer (resuming exactly), and the
+    sample mode makes one-step samples with NFE 1."""
+    from helpers import run_main
+
+    kwargs = dict(train__steps=4, train__save_every=2)
+    whole = main.train(tiny_config(preset, tmp_path / "a", **kwargs), {}, SINGLE)
+    main.train(tiny_config(preset, tmp_path / "b", **kwargs), {}, SINGLE, until=2)
+    resumed = main.train(tiny_config(preset, tmp_path / "b", **kwargs), {}, SINGLE)
+    for (name, p), q in zip(
+        whole.net.state_dict().items(), resumed.net.state_dict().values(), strict=True
+    ):
+        assert torch.equal(p, q), name
+    losses = [r["loss"] for r in read_metrics(whole.run_dir)]
+    assert len(losses) == 4 and all(np.isfinite(losses))
+    result = run_main(
+        "--mode=sample",
+        f"--ckpt={whole.run_dir}",
+        f"--out={tmp_path / 'out'}",
+        "--config.sample.num=6",
+        "--config.sample.steps=1",
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "few_step, 1 steps, NFE 1" in result.stdout
+    with np.load(tmp_path / "out" / "samples.npz") as f:
+        assert f["samples"].shape == (6, 8, 8, 1)
