@@ -60,6 +60,7 @@ class EMA:
         self.model = copy.deepcopy(model).eval().requires_grad_(False)
         self.decay, self.warmup = decay, warmup
         self.num_updates = 0
+        self.pairs = TensorPairs()
 
     def current_decay(self):
         if not self.warmup:
@@ -71,7 +72,8 @@ class EMA:
         """One step towards `model`; `keep` (a number or 0-dim device tensor, 1 or 0) scales the
         step weight: 0 leaves the average as it was (a skipped training step), no host sync."""
         self.num_updates += 1
-        lerp_towards(self.model, model, (1.0 - self.current_decay()) * keep, keep)
+        weight = (1.0 - self.current_decay()) * keep
+        lerp_towards(self.model, model, weight, keep, self.pairs(self.model, model))
 
     def state_dict(self):
         return {"model": self.model.state_dict(), "num_updates": self.num_updates}
@@ -81,14 +83,40 @@ class EMA:
         self.num_updates = state["num_updates"]
 
 
+def paired_tensors(average, model):
+    """(average's parameters, model's parameters, average's buffers, model's buffers) as lists,
+    in matching order (read under no_grad). Listing a module's tensors walks all its submodules,
+    so an EMA caches these lists (see TensorPairs)."""
+    return (
+        list(average.parameters()),
+        list(model.parameters()),  # the Parameter objects: they follow `.data` reassignments
+        list(average.buffers()),
+        list(model.buffers()),
+    )
+
+
+class TensorPairs:
+    """paired_tensors of (average, model), computed once per pair: the modules keep their
+    tensor objects (load_state_dict copies in place), so the lists stay valid."""
+
+    def __init__(self):
+        self.cache = {}
+
+    def __call__(self, average, model):
+        key = (id(average), id(model))
+        if key not in self.cache:  # holds the modules, so their ids cannot be reused
+            self.cache[key] = (average, model, paired_tensors(average, model))
+        return self.cache[key][2]
+
+
 @torch.no_grad()
-def lerp_towards(average, model, weight, keep=1.0):
+def lerp_towards(average, model, weight, keep=1.0, tensors=None):
     """average <- average + weight * (model - average) for the parameters; buffers copied
-    where keep > 0 (keep may be a 0-dim tensor)."""
-    ema_params = list(average.parameters())
-    params = [p.detach() for p in model.parameters()]
+    where keep > 0 (keep may be a 0-dim tensor). `tensors`: paired_tensors(average, model),
+    if already listed."""
+    ema_params, params, ema_buffers, buffers = tensors or paired_tensors(average, model)
     torch._foreach_lerp_(ema_params, params, weight)
-    for ema_buffer, buffer in zip(average.buffers(), model.buffers(), strict=True):
+    for ema_buffer, buffer in zip(ema_buffers, buffers, strict=True):
         if isinstance(keep, torch.Tensor):
             ema_buffer.copy_(torch.where(keep > 0, buffer, ema_buffer))
         elif keep > 0:
@@ -139,6 +167,7 @@ class PowerEMA:
         self.profiles = [copy.deepcopy(model).eval().requires_grad_(False) for _ in self.stds]
         self.model = self.profiles[0]
         self.num_updates = 0
+        self.pairs = TensorPairs()
 
     @torch.no_grad()
     def update(self, model, keep=1.0):
@@ -148,7 +177,7 @@ class PowerEMA:
         t = self.num_updates
         for profile, gamma in zip(self.profiles, self.gammas, strict=True):
             beta = (1 - 1 / t) ** (gamma + 1)
-            lerp_towards(profile, model, (1.0 - beta) * keep, keep)
+            lerp_towards(profile, model, (1.0 - beta) * keep, keep, self.pairs(profile, model))
 
     def state_dict(self):
         """The entry "model" (profile 0, for sampling) shares its tensors with "profiles"[0], so

@@ -76,8 +76,11 @@ def build_scheduler(
     return scheduler
 
 
-def clip_gradients(model, max_norm):
-    """Clip the global gradient norm to `max_norm` (no clipping when it is 0 or None) and return
-    the norm before clipping as a 0-dim tensor, without a host sync."""
+def clip_gradients(params, max_norm):
+    """Clip the global gradient norm of `params` (a module's parameters, or the module) to
+    `max_norm` (no clipping when it is 0 or None) and return the norm before clipping as a 0-dim
+    tensor, without a host sync."""
     max_norm = max_norm if max_norm else float("inf")
-    return torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm, foreach=True)
+    if isinstance(params, torch.nn.Module):
+        params = params.parameters()
+    return torch.nn.utils.clip_grad_norm_(params, max_norm, foreach=True)

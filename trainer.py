@@ -98,6 +98,7 @@ class DiffusionTrainer:
         self.class_dropout = config.model.class_dropout if self.num_classes else 0.0
 
         self.net = net.to(self.device)  # the raw module: its weights are what we save
+        self.params = list(self.net.parameters())  # listed once: clipping runs every step
         self.ema = build_ema(c.ema, self.net, c.ema_decay, c.ema_stds)
         self.optimizer = build_optimizer(self.net, c.lr, c.weight_decay, c.betas, c.adam_eps)
         self.scheduler = self.build_scheduler(start_step=0)
@@ -223,7 +224,7 @@ class DiffusionTrainer:
                 loss = self.loss(x0, y, t, x1, z, drop, extra) / self.grad_accum
                 loss.backward()
             loss_sum += loss.detach()
-        grad_norm = clip_gradients(self.net, self.config.train.grad_clip)
+        grad_norm = clip_gradients(self.params, self.config.train.grad_clip)
         local_bad = ~(torch.isfinite(loss_sum) & torch.isfinite(grad_norm))
         skipped, stop = utils.any_rank([local_bad, stop_requested], self.device)
         self.optimizer.found_inf = skipped  # fused AdamW: no update at all when 1
