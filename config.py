@@ -222,7 +222,7 @@ def edm_cifar10():
 
 def digits_meanflow():
     """digits with MeanFlow: one-step generation (sample.solver=few_step, 1 step). A training
-    step costs about 2.4x a flow step (the Jacobian-vector product)."""
+    step costs more than twice a flow step (the Jacobian-vector product)."""
     c = digits()
     c.train.objective, c.model.time_inputs = "meanflow", 2
     c.time_sampler.name, c.time_sampler.mean, c.time_sampler.std = "logit_normal", -0.4, 1.0
@@ -232,8 +232,8 @@ def digits_meanflow():
 
 
 def digits_consistency():
-    """digits with consistency training (iCT form): one-step generation. About 1.3x the cost of
-    a flow step; a short discretisation schedule (s1 = 160) suits short runs."""
+    """digits with consistency training (iCT form): one-step generation. A step adds a no-grad
+    forward pass for the target; a short discretisation schedule (s1 = 160) suits short runs."""
     c = digits()
     c.train.objective, c.train.steps, c.train.lr = "consistency", 3000, 1e-3
     c.train.consistency_s1 = 160

@@ -34,7 +34,6 @@ import copy
 import glob
 import math
 import os
-import tempfile
 
 import torch
 
@@ -242,31 +241,15 @@ def list_snapshots(snapshot_dir):
     return sorted(glob.glob(os.path.join(glob.escape(snapshot_dir), "ema_*.pt")))
 
 
-def save_snapshot(ema, path):
-    """Write `ema.snapshot()` to `path` atomically (temporary file in the same folder, then
-    os.replace), creating the folder."""
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=folder)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(ema.snapshot(), f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
-    return path
-
-
-def save_snapshot_if_due(ema, run_dir, every):
-    """For a power EMA whose update count is a multiple of `every` (> 0), write the snapshot
-    run_dir/ema_snapshots/ema_<step>.pt and return its path; otherwise None. Rank 0 only."""
+def save_snapshot_if_due(ema, run_dir, every, write):
+    """For a power EMA whose update count is a multiple of `every` (> 0), write `ema.snapshot()`
+    to run_dir/ema_snapshots/ema_<step>.pt with `write(obj, path)` (an atomic writer such as
+    utils.atomic_torch_save) and return the path; otherwise None. Rank 0 only."""
     if not isinstance(ema, PowerEMA) or every <= 0 or ema.num_updates % every != 0:
         return None
-    return save_snapshot(ema, snapshot_path(run_dir, ema.num_updates))
+    path = snapshot_path(run_dir, ema.num_updates)
+    write(ema.snapshot(), path)
+    return path
 
 
 # ---------------------------------------------------------------------------------------------

@@ -148,7 +148,7 @@ def build_net(config, data_info):
     return NETWORKS[config.model.name](config.model, shape, num_classes, out)
 
 
-def check_combinations(config):
+def check_combinations(config, process):
     """Reject process / prediction / sampler combinations that cannot work (one line each)."""
     p, s, base = config.prediction, config.sample, config.process.base
     stochastic = config.process.gamma != "none"
@@ -170,7 +170,7 @@ def check_combinations(config):
             f"sample.solver={s.solver} needs a score, which process.base={base} "
             f"without a gamma lacks: set process.gamma=sqrt (or use an ODE solver)"
         )
-    check_objective(config)
+    check_objective(config, process)
     if p.preconditioning == "edm" and p.model_output != "x0":
         raise ValueError(
             f"prediction.preconditioning=edm makes the network an x0 predictor (EDM's D): set "
@@ -200,7 +200,7 @@ def check_combinations(config):
         )
 
 
-def check_objective(config):
+def check_objective(config, process):
     """One line for a train.objective that cannot work with the rest of the config."""
     c, s, p = config.train, config.sample, config.prediction
     objective = objectives.build_objective(
@@ -211,9 +211,7 @@ def check_objective(config):
             f"train.objective={c.objective} needs model.time_inputs="
             f"{objective.needs_time_inputs} (it is {config.model.time_inputs})"
         )
-    pc = config.process
-    process = build_process(pc.name, gamma=pc.gamma, gamma_scale=pc.gamma_scale)
-    message = objective.processes_allowed(process, pc.base)
+    message = objective.processes_allowed(process, config.process.base)
     if message:
         raise ValueError(message)
     few_step = s.solver in sampling.FEW_STEP_SOLVERS
@@ -290,13 +288,13 @@ def check_config(config, world_size, evaluating=None):
     when an evaluation will run (`evaluating`, default: train.eval_every > 0), time ranges.
     Returns the process."""
     config_lib.validate(config, registry_choices(), world_size)
-    check_combinations(config)
+    pc = config.process
+    process = build_process(pc.name, gamma=pc.gamma, gamma_scale=pc.gamma_scale)
+    check_combinations(config, process)
     if config.train.eval_every if evaluating is None else evaluating:
         evaluation.check_feature_extractor(
             config.eval.feature_extractor, config.data.name, config.sample.num
         )
-    pc = config.process
-    process = build_process(pc.name, gamma=pc.gamma, gamma_scale=pc.gamma_scale)
     resolve_time_ranges(config, process)
     return process
 

@@ -311,7 +311,9 @@ class DiffusionTrainer:
                 if self.step % c.save_every == 0 or self.step == self.steps:
                     self.save()
                 if self.dist.is_main:  # power EMA: snapshots for post-hoc reconstruction
-                    save_snapshot_if_due(self.ema, self.run_dir, c.ema_snapshot_every)
+                    save_snapshot_if_due(
+                        self.ema, self.run_dir, c.ema_snapshot_every, utils.atomic_torch_save
+                    )
         finally:
             stop.restore()
             bar.close()

@@ -58,3 +58,23 @@ def run_main(*args, env=None, timeout=240):
         env=full_env,
         timeout=timeout,
     )
+
+
+def run_torchrun(nproc, script, *args, timeout=240):
+    """Run `script ARGS` under torchrun with `nproc` gloo processes (1 thread each, a free
+    rendezvous port) in the repo root; asserts it succeeded."""
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        f"--nproc_per_node={nproc}",
+        "--master_port=0",
+        "--rdzv_backend=c10d",
+        "--rdzv_endpoint=localhost:0",
+        script,
+        *map(str, args),
+    ]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    result = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, env=env, timeout=timeout)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    return result

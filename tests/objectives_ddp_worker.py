@@ -70,6 +70,7 @@ def run(out_dir):
     for objective_name, mode in CASES:
         path = os.path.join(out_dir, f"{objective_name}_{mode}_rank{rank}.pt")
         torch.save(one_step(objective_name, mode, rank, world), path)
+    dist.barrier()  # every rank done before the group goes (a rank once aborted at teardown)
     dist.destroy_process_group()
 
 

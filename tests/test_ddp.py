@@ -1,11 +1,9 @@
 """Two CPU processes under torchrun (gloo) against one process with the same global batch."""
 
 import os
-import subprocess
-import sys
 
 import torch
-from helpers import ROOT
+from helpers import ROOT, run_torchrun
 
 WORKER = os.path.join(ROOT, "tests", "ddp_worker.py")
 # Adam's eps is raised so that parameters whose gradient is ~0 (behind zero-initialised layers)
@@ -21,22 +19,7 @@ ARGS = [
 
 def launch(nproc, workdir, out_dir):
     os.makedirs(out_dir, exist_ok=True)
-    cmd = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        f"--nproc_per_node={nproc}",
-        "--master_port=0",
-        "--rdzv_backend=c10d",
-        "--rdzv_endpoint=localhost:0",
-        WORKER,
-        str(workdir),
-        str(out_dir),
-        *ARGS,
-    ]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    result = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, env=env, timeout=240)
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    run_torchrun(nproc, WORKER, workdir, out_dir, *ARGS)
     return [
         torch.load(os.path.join(out_dir, f"rank{r}.pt"), weights_only=True) for r in range(nproc)
     ]

@@ -13,6 +13,7 @@ import pytest
 import torch
 
 import ema
+import utils
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(__file__)), "scripts"))
 import posthoc_ema  # noqa: E402
@@ -154,7 +155,7 @@ def train_with_snapshots(run_dir, with_buffer=False):
             net[1].num_batches_tracked.fill_(step)
         history.append(flat(net))
         power.update(net)
-        path = ema.save_snapshot_if_due(power, run_dir, EVERY)
+        path = ema.save_snapshot_if_due(power, run_dir, EVERY, utils.atomic_torch_save)
         assert (path is not None) == (step % EVERY == 0)
     return net, power, torch.stack(history)
 
@@ -190,7 +191,12 @@ def test_snapshot_files(trained):
     for saved, profile in zip(last["profiles"], power.profiles, strict=True):
         for name, value in profile.state_dict().items():
             assert torch.equal(saved[name], value)
-    assert ema.save_snapshot_if_due(ema.EMA(torch.nn.Linear(2, 2)), run_dir, 1) is None
+    assert (
+        ema.save_snapshot_if_due(
+            ema.EMA(torch.nn.Linear(2, 2)), run_dir, 1, utils.atomic_torch_save
+        )
+        is None
+    )
 
 
 def test_inner_products_match_numerical_integration():

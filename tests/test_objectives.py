@@ -2,12 +2,10 @@
 
 import math
 import os
-import subprocess
-import sys
 
 import pytest
 import torch
-from helpers import ROOT
+from helpers import ROOT, run_torchrun
 from objectives_ddp_worker import one_step
 
 import objectives
@@ -381,20 +379,7 @@ def test_consistency_training_lowers_the_loss_on_clusters():
 # ---------------------------------------------------------------------------------------------
 def launch(nproc, out_dir):
     os.makedirs(out_dir, exist_ok=True)
-    cmd = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        f"--nproc_per_node={nproc}",
-        "--master_port=0",
-        "--rdzv_backend=c10d",
-        "--rdzv_endpoint=localhost:0",
-        WORKER,
-        str(out_dir),
-    ]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    result = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, env=env, timeout=240)
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    run_torchrun(nproc, WORKER, out_dir)
 
     def load(case, rank):
         return torch.load(os.path.join(out_dir, f"{case}_rank{rank}.pt"), weights_only=True)
