@@ -21,7 +21,9 @@ gives the MeanFlow identity
 and the loss regresses u_theta(z_t, r, t) on the stop-gradient target
     u_tgt = v_t - (t - r) (v_t . d_z u_theta + d_t u_theta),
 with v_t the conditional velocity and the bracket one forward-mode JVP of
-(z, r, t) -> u_theta with tangents (v_t, 0, 1). At r = t the target is v_t: flow matching.
+(z, r, t) -> u_theta with tangents (v_t, 0, 1). At r = t the target is v_t: flow matching, and
+no derivative is needed, so the JVP runs only on the samples with r != t (a fraction `ratio`,
+25% in the paper): u itself comes from one ordinary forward pass with its graph.
 
 Consistency training (Song & Dhariwal 2023, iCT; Geng et al. 2024, ECT) works on EDM's noise
 level s = sigma / alpha, where x_t / alpha = x0 + s x1 =: x_hat for every process, so one model
@@ -38,6 +40,7 @@ import inspect
 import math
 
 import torch
+from torch.nn.parallel import DistributedDataParallel
 
 from processes import bcast
 
@@ -94,24 +97,42 @@ class MeanFlow:
     """MeanFlow (Geng et al. 2025): the net's output is the average velocity u(z_t, r, t).
 
     (r, t): the trainer's t and a second time s from `time_sampler` (the same distribution),
-    sorted so that t >= r; a fraction 1 - `ratio` of the samples get r = t (`ratio` is the
-    fraction with r != t; the paper uses 25%). Loss per sample: the mean over dimensions of
-    delta^2, delta = u_theta - sg(u_tgt), times the adaptive weight sg(1 / (delta^2 + c)^p)
-    (p = 1, c = 1e-3 in the paper; p = 0 is the plain squared error, which at r = t is the
-    flow-matching velocity loss). The net sees z_t * input_scale(t) like every other net, and
-    the times (t, r) multiplied by `time_scale`: the networks embed t * 1000 by default, whose
-    fastest sinusoid has d/dt = 1000, and d_t u of that size swamps the target (measured: the
-    loss blows up to 10-50x its start on 2-D data); the default 1e-3 gives the embedding of t
-    itself, as in MeanFlow's reference model (fastest d/dt = 1).
+    sorted so that t >= r, for the first round(`ratio` * B) samples of each micro-batch of B
+    (the paper's fraction with r != t, 25%); the others get r = t. The rows of a micro-batch are
+    i.i.d. (shuffled data, independent times), so taking the first ones is a random choice with
+    a fixed count: static shapes and no host sync, and the JVP (meanflow_target) runs on those
+    rows only. Loss per sample: the mean over dimensions of delta^2, delta = u_theta - sg(u_tgt),
+    times the adaptive weight sg(1 / (delta^2 + c)^p) (p = 1, c = 1e-3 in the paper; p = 0 is
+    the plain squared error, which at r = t is the flow-matching velocity loss). The net sees
+    z_t * input_scale(t) like every other net, and the times (t, r) multiplied by `time_scale`:
+    the networks embed t * 1000 by default, whose fastest sinusoid has d/dt = 1000, and d_t u
+    of that size swamps the target (measured: the loss blows up to 10-50x its start on 2-D
+    data); the default 1e-3 gives the embedding of t itself, as in MeanFlow's reference model
+    (fastest d/dt = 1).
+
+    `curriculum` > 0: the interval length t - r is capped at min(1, k / (curriculum K)) at step
+    k of K (r = max(r, t - cap)), so training starts as flow matching and reaches full-length
+    intervals after a fraction `curriculum` of the run (the instantaneous velocity first, then
+    ever longer averages, as AlphaFlow (Zhang et al. 2025) and Kim et al. 2025 motivate).
     """
 
     name = "meanflow"
     needs_time_inputs = 2
 
-    def __init__(self, time_sampler, ratio=0.25, adaptive_p=1.0, adaptive_c=1e-3, time_scale=None):
+    def __init__(
+        self,
+        time_sampler,
+        ratio=0.25,
+        adaptive_p=1.0,
+        adaptive_c=1e-3,
+        time_scale=None,
+        curriculum=0.0,
+    ):
         if not 0.0 <= ratio <= 1.0:
             raise ValueError(f"train.meanflow_ratio={ratio} must be in [0, 1]")
-        self.time_sampler, self.ratio = time_sampler, ratio
+        if not 0.0 <= curriculum <= 1.0:
+            raise ValueError(f"train.meanflow_curriculum={curriculum} must be in [0, 1]")
+        self.time_sampler, self.ratio, self.curriculum = time_sampler, ratio, curriculum
         self.adaptive_p, self.adaptive_c = adaptive_p, adaptive_c
         self.time_scale = MEANFLOW_TIME_SCALE if time_scale is None else time_scale
 
@@ -120,21 +141,32 @@ class MeanFlow:
         return deterministic_only(self.name, process)
 
     def draw(self, n, generator, device, t):
-        """The second time of each sample (equal to t for a fraction 1 - ratio); the loss sorts
-        the pair into (r, t) with r <= t."""
-        second = self.time_sampler(n, generator=generator, device=device).to(t.dtype)
-        keep_interval = torch.rand(n, generator=generator, device=device) < self.ratio
-        return torch.where(keep_interval, second, t)
+        """The second time of every sample; the loss pairs it with t on the interval rows."""
+        return self.time_sampler(n, generator=generator, device=device).to(t.dtype)
 
-    def target(self, model, process, x0, x1, t, r, y):
-        """(u_theta(z_t, r, t) with its graph, sg(u_tgt)) for t >= r, both shaped like x0."""
-        z_t = process.interpolate(x0, x1, t)
-        v_t = process.velocity_target(x0, x1, t)
-        return meanflow_target(model, process, z_t, v_t, r, t, y, self.time_scale)
+    def interval_count(self, batch):
+        """How many rows of a micro-batch of `batch` get r != t: round(ratio * batch)."""
+        return round(self.ratio * batch)
+
+    def max_interval(self, step, total_steps):
+        """The cap on t - r at `step` of `total_steps` (1: no cap)."""
+        if not self.curriculum:
+            return 1.0
+        return min(1.0, step / (self.curriculum * total_steps))
+
+    def pair_times(self, t, second, step=0, total_steps=1):
+        """(t, r) of a micro-batch: (max, min) of (t, second) on the first interval_count rows,
+        with t - r capped at max_interval, and (t, t) on the rest. Returns (t, r, count)."""
+        count = self.interval_count(t.shape[0])
+        upper, lower = torch.maximum(t, second)[:count], torch.minimum(t, second)[:count]
+        lower = torch.maximum(lower, upper - self.max_interval(step, total_steps))
+        return torch.cat([upper, t[count:]]), torch.cat([lower, t[count:]]), count
 
     def loss(self, model, process, x0, x1, t, extra, y=None, step=0, total_steps=1):
-        t, r = torch.maximum(t, extra), torch.minimum(t, extra)
-        u, u_target = self.target(model, process, x0, x1, t, r, y)
+        t, r, count = self.pair_times(t, extra, step, total_steps)
+        z_t = process.interpolate(x0, x1, t)
+        v_t = process.velocity_target(x0, x1, t)
+        u, u_target = meanflow_target(model, process, z_t, v_t, r, t, y, self.time_scale, count)
         delta_sq = per_sample_mean(u - u_target)
         weight = adaptive_weight(delta_sq.detach(), self.adaptive_p, self.adaptive_c)
         return (weight * delta_sq).mean()
@@ -145,25 +177,38 @@ def adaptive_weight(delta_sq, p, c):
     return 1.0 / (delta_sq + c).pow(p) if p else torch.ones_like(delta_sq)
 
 
-def meanflow_target(model, process, z_t, v_t, r, t, y, time_scale=1.0):
+def meanflow_target(model, process, z_t, v_t, r, t, y, time_scale=1.0, intervals=None):
     """(u, sg(u_tgt)) with u = u_theta(z_t, r, t) = model(z_t input_scale(t), t time_scale, y,
     r time_scale) and u_tgt = v_t - (t - r) du/dt.
 
-    du/dt = v_t . d_z u + d_t u is one forward-mode JVP of (z, r, t) -> u_theta with tangents
-    (v_t, 0, 1), by torch.func.jvp; the primal output keeps its reverse-mode graph to the
-    parameters, so u's backward runs through `model` itself. Under DDP this is the DDP module's
-    own forward (hooks and all), not its `.module`, so gradients are all-reduced as usual
-    (tests/test_objectives.py checks 2 processes against 1).
+    u is one ordinary forward pass of `model` with its graph: under DDP the wrapped module's
+    own forward, so its gradients are all-reduced as usual (tests/test_objectives.py checks 2
+    processes against 1). du/dt = v_t . d_z u + d_t u is one forward-mode JVP of
+    (z, r, t) -> u_theta with tangents (v_t, 0, 1) (torch.func.jvp), under no_grad since the
+    target is detached, and only on the first `intervals` rows (default: all): the others must
+    have r = t, where u_tgt = v_t. The JVP calls the module inside a DDP wrapper (no gradient to
+    synchronise, no collective); with dropout its mask differs from u's pass.
     """
+    intervals = t.shape[0] if intervals is None else intervals
+    jvp_model = model.module if isinstance(model, DistributedDataParallel) else model
 
-    def average_velocity(z, r_in, t_in):
+    def average_velocity(net, z, r_in, t_in, labels):
         scale = bcast(process.input_scale(t_in), z)
-        return model(z * scale, t_in * time_scale, y, r_in * time_scale)
+        return net(z * scale, t_in * time_scale, labels, r_in * time_scale)
 
-    tangents = (v_t, torch.zeros_like(r), torch.ones_like(t))
-    u, du_dt = torch.func.jvp(average_velocity, (z_t, r, t), tangents)
-    u_target = v_t - bcast(t - r, du_dt) * du_dt
-    return u, u_target.detach()
+    u = average_velocity(model, z_t, r, t, y)
+    if intervals == 0:
+        return u, v_t.detach()
+    rows = slice(0, intervals)
+    labels = None if y is None else y[rows]
+    with torch.no_grad():
+        _, du_dt = torch.func.jvp(
+            lambda z, r_in, t_in: average_velocity(jvp_model, z, r_in, t_in, labels),
+            (z_t[rows], r[rows], t[rows]),
+            (v_t[rows], torch.zeros_like(r[rows]), torch.ones_like(t[rows])),
+        )
+    head = v_t[rows] - bcast(t[rows] - r[rows], du_dt) * du_dt
+    return u, torch.cat([head, v_t[intervals:]]).detach()
 
 
 # ---------------------------------------------------------------------------------------------

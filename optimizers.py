@@ -76,11 +76,22 @@ def build_scheduler(
     return scheduler
 
 
-def clip_gradients(params, max_norm):
-    """Clip the global gradient norm of `params` (a module's parameters, or the module) to
+def clip_gradients(params, max_norm, optimizer=None):
+    """Clip the global gradient norm of `params` (a list of parameters, or a module) to
     `max_norm` (no clipping when it is 0 or None) and return the norm before clipping as a 0-dim
-    tensor, without a host sync."""
+    tensor, without a host sync.
+
+    With a fused `optimizer` (build_optimizer's), the clipping is folded into its step instead
+    of rescaling the gradients in place: `optimizer.grad_scale` = max(norm / max_norm, 1), which
+    the fused kernel divides every gradient by (GradScaler's mechanism), so the step equals
+    clip-then-step with one pass less over the gradients. The gradients themselves stay
+    unclipped until that step; set again (or cleared) at every call."""
     max_norm = max_norm if max_norm else float("inf")
     if isinstance(params, torch.nn.Module):
-        params = params.parameters()
-    return torch.nn.utils.clip_grad_norm_(params, max_norm, foreach=True)
+        params = list(params.parameters())
+    if optimizer is None or not optimizer.defaults.get("fused"):
+        return torch.nn.utils.clip_grad_norm_(params, max_norm, foreach=True)
+    grads = [p.grad for p in params if p.grad is not None]
+    norm = torch.nn.utils.get_total_norm(grads, foreach=True)
+    optimizer.grad_scale = (norm / max_norm).clamp(min=1.0) if math.isfinite(max_norm) else None
+    return norm

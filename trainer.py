@@ -85,6 +85,7 @@ class DiffusionTrainer:
             adaptive_p=c.meanflow_p,
             adaptive_c=c.meanflow_c,
             time_scale=c.meanflow_time_scale,
+            curriculum=c.meanflow_curriculum,
             s_min=c.consistency_s_min,
             s_max=c.consistency_s_max,
             sigma_data=p.sigma_data,
@@ -224,7 +225,7 @@ class DiffusionTrainer:
                 loss = self.loss(x0, y, t, x1, z, drop, extra) / self.grad_accum
                 loss.backward()
             loss_sum += loss.detach()
-        grad_norm = clip_gradients(self.params, self.config.train.grad_clip)
+        grad_norm = clip_gradients(self.params, self.config.train.grad_clip, self.optimizer)
         local_bad = ~(torch.isfinite(loss_sum) & torch.isfinite(grad_norm))
         skipped, stop = utils.any_rank([local_bad, stop_requested], self.device)
         self.optimizer.found_inf = skipped  # fused AdamW: no update at all when 1

@@ -59,8 +59,9 @@ def frechet(extractor, x, reference_stats):
     return evaluation.frechet_distance(*evaluation.feature_statistics(features), *reference_stats)
 
 
-def main_(args):
-    torch.manual_seed(0)
+def digits_references():
+    """(classifier feature extractor, training-set feature statistics, noise floor): the FD
+    between two random halves of the data set."""
     extractor = evaluation.build_feature_extractor("classifier", "digits", "data", "cpu", 8)
     reference = evaluation.reference_statistics("digits", "classifier", extractor, "data", 8, None)
     data = data_utils.build_dataset("digits", "data", True, image_size=8)
@@ -69,7 +70,12 @@ def main_(args):
     first_half, second_half = (data.__getitems__(part)[0] for part in (order[:half], order[half:]))
     first_features = evaluation.compute_features(extractor, first_half).numpy()
     first = evaluation.feature_statistics(first_features)
-    floor = frechet(extractor, second_half, first)
+    return extractor, reference, frechet(extractor, second_half, first)
+
+
+def main_(args):
+    torch.manual_seed(0)
+    extractor, reference, floor = digits_references()
     lines = [
         f"| run | params | train s | FD @ NFE {' / '.join(['~5', '~9', '~17'])} |",
         "| --- | --- | --- | --- |",

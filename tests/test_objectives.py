@@ -131,22 +131,57 @@ def test_meanflow_loss_at_r_equal_t_is_the_flow_matching_loss(float64):
     x0, x1 = torch.randn(8, 2, generator=generator), torch.randn(8, 2, generator=generator)
     t = torch.rand(8, generator=generator) * 0.9 + 0.05
     extra = objective.draw(8, generator, "cpu", t)
-    assert torch.equal(extra, t)  # ratio 0: r = t everywhere
+    t_pair, r_pair, count = objective.pair_times(t, extra)
+    assert count == 0 and torch.equal(t_pair, t) and torch.equal(r_pair, t)  # ratio 0: r = t
     loss = objective.loss(net, process, x0, x1, t, extra)
     x_t = process.interpolate(x0, x1, t)
     flow = (net(x_t, t * 0.01, None, t * 0.01) - process.velocity_target(x0, x1, t)).pow(2).mean()
     torch.testing.assert_close(loss, flow, rtol=1e-12, atol=1e-12)
 
 
-def test_meanflow_draw_keeps_the_configured_fraction_of_intervals():
-    objective = objectives.MeanFlow(build_time_sampler("logit_normal"), ratio=0.25)
+@pytest.mark.parametrize("batch, ratio, count", [(64, 0.25, 16), (10, 0.25, 2), (7, 1.0, 7)])
+def test_meanflow_pairs_the_first_ratio_of_rows(batch, ratio, count):
+    """round(ratio * B) rows get (max, min) of the two draws, the rest r = t; the second times
+    follow the time sampler."""
+    sampler = build_time_sampler("logit_normal", mean=-0.4, std=1.0)
+    objective = objectives.MeanFlow(sampler, ratio=ratio)
     generator = torch.Generator().manual_seed(4)
-    t = torch.rand(20000, generator=generator)
-    extra = objective.draw(20000, generator, "cpu", t)
-    fraction = (extra != t).double().mean().item()
-    assert abs(fraction - 0.25) < 0.015, fraction
-    t_sorted, r_sorted = torch.maximum(t, extra), torch.minimum(t, extra)
-    assert bool((t_sorted >= r_sorted).all())
+    t = torch.rand(batch, generator=generator)
+    second = objective.draw(batch, generator, "cpu", t)
+    t_pair, r_pair, got = objective.pair_times(t, second)
+    assert got == count
+    torch.testing.assert_close(t_pair[:count], torch.maximum(t, second)[:count])
+    torch.testing.assert_close(r_pair[:count], torch.minimum(t, second)[:count])
+    assert bool((r_pair[:count] < t_pair[:count]).all())
+    assert torch.equal(t_pair[count:], t[count:]) and torch.equal(r_pair[count:], t[count:])
+    many = objective.draw(20000, torch.Generator().manual_seed(5), "cpu", torch.zeros(20000))
+    logit = torch.log(many / (1 - many))  # logit-normal(-0.4, 1): logit is N(-0.4, 1)
+    assert abs(logit.mean().item() + 0.4) < 0.03 and abs(logit.std().item() - 1.0) < 0.03
+
+
+def test_meanflow_jvp_on_interval_rows_only_equals_the_full_jvp(float64):
+    """The JVP restricted to the rows with r != t gives the same target, loss gradient and
+    primal as the JVP over the whole batch (at r = t the target is v_t either way)."""
+    net = random_mlp(2, 2).double()
+    process = build_process("linear")
+    generator = torch.Generator().manual_seed(6)
+    z, v = torch.randn(8, 2, generator=generator), torch.randn(8, 2, generator=generator)
+    t = 0.2 + 0.7 * torch.rand(8, generator=generator)
+    r = torch.cat([t[:3] * torch.rand(3, generator=generator), t[3:]])  # intervals: rows 0-2
+
+    def loss_and_grads(intervals):
+        net.zero_grad()
+        u, target = objectives.meanflow_target(net, process, z, v, r, t, None, 0.5, intervals)
+        (u - target).pow(2).sum().backward()
+        return u.detach(), target, [p.grad.clone() for p in net.parameters()]
+
+    sub, full = loss_and_grads(3), loss_and_grads(None)
+    torch.testing.assert_close(sub[0], full[0], rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(sub[1], full[1], rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(sub[1][3:], v[3:], rtol=0, atol=0)
+    assert not torch.allclose(sub[1][:3], v[:3])  # the derivative term is there
+    for a, b in zip(sub[2], full[2], strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
 
 
 def test_adaptive_weight_formula():
@@ -463,3 +498,20 @@ def test_consistency_sampling_levels_and_errors():
         objectives.few_step_sample(net, build_process("linear"), x1, 2, "flow")
     with pytest.raises(ValueError, match="sample.steps=0"):
         objectives.few_step_sample(net, build_process("linear"), x1, 0, "meanflow")
+
+
+def test_meanflow_curriculum_caps_the_interval_then_lets_it_go():
+    """curriculum c: t - r <= step / (c K) on the interval rows; from step c K on, no cap."""
+    objective = objectives.MeanFlow(build_time_sampler("uniform"), ratio=1.0, curriculum=0.5)
+    generator = torch.Generator().manual_seed(8)
+    t, second = torch.rand(256, generator=generator), torch.rand(256, generator=generator)
+    for step, cap in ((0, 0.0), (25, 0.25), (50, 0.5), (100, 1.0)):
+        t_pair, r_pair, _ = objective.pair_times(t, second, step, total_steps=200)
+        gap = t_pair - r_pair
+        assert gap.max().item() <= cap + 1e-7 and bool((gap >= 0).all())
+        free = (t - second).abs()
+        torch.testing.assert_close(gap, torch.minimum(free, torch.tensor(cap)))
+    off = objectives.MeanFlow(build_time_sampler("uniform"), ratio=1.0)
+    torch.testing.assert_close(off.pair_times(t, second, 0, 200)[1], torch.minimum(t, second))
+    with pytest.raises(ValueError, match="train.meanflow_curriculum=2"):
+        objectives.MeanFlow(build_time_sampler("uniform"), curriculum=2)

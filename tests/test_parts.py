@@ -1,5 +1,6 @@
 """EMA, optimizer and schedules, logging helpers and atomic files against direct computations."""
 
+import copy
 import json
 import math
 import os
@@ -91,6 +92,30 @@ def test_clip_gradients_returns_norm_and_clips():
     model.weight.grad = torch.tensor([[3.0, 4.0, 0.0]])
     assert clip_gradients(model, 0.0).item() == pytest.approx(5.0)  # 0 disables clipping
     assert model.weight.grad.norm().item() == pytest.approx(5.0)
+
+
+@pytest.mark.parametrize("max_norm", [0.5, 0.0])
+def test_clip_folded_into_fused_adamw_equals_clip_then_step(max_norm):
+    """The fused optimizer's grad_scale path gives the same weights as clipping in place and
+    stepping a plain (foreach) AdamW with the same groups, over steps with and without clipping
+    (the gradient norm crosses max_norm)."""
+    torch.manual_seed(0)
+    folded = torch.nn.Sequential(torch.nn.Linear(5, 7), torch.nn.Tanh(), torch.nn.Linear(7, 3))
+    reference = copy.deepcopy(folded)
+    fused = build_optimizer(folded, 1e-2, weight_decay=0.1)
+    plain = torch.optim.AdamW(param_groups(reference, 0.1), lr=1e-2, foreach=True)
+    norms = []
+    for scale in (10.0, 0.1, 10.0, 1.0):
+        x = torch.randn(16, 5) * scale
+        for net, optimizer, fold in ((folded, fused, fused), (reference, plain, None)):
+            (net(x) ** 2).mean().backward()
+            norm = clip_gradients(list(net.parameters()), max_norm, fold)
+            optimizer.step()
+            optimizer.zero_grad()
+        norms.append(norm.item())
+    assert max(norms) > 0.5 > min(norms)  # both regimes were exercised
+    for a, b in zip(folded.parameters(), reference.parameters(), strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
 
 
 def test_image_grid_layout():
