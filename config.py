@@ -223,21 +223,25 @@ def edm_cifar10():
 
 def digits_meanflow():
     """digits with MeanFlow: one-step generation (sample.solver=few_step, 1 step). A training
-    step costs more than twice a flow step (the Jacobian-vector product)."""
+    step costs about twice a flow step (the Jacobian-vector product). No label dropout:
+    few-step sampling uses no guidance. About 8 minutes on 2 CPU cores."""
     c = digits()
     c.train.objective, c.model.time_inputs = "meanflow", 2
     c.time_sampler.name, c.time_sampler.mean, c.time_sampler.std = "logit_normal", -0.4, 1.0
-    c.train.steps, c.train.lr = 2000, 1e-3
+    c.train.steps, c.train.lr = 4000, 2e-3
+    c.model.class_dropout = 0.0
     c.sample.solver, c.sample.steps = "few_step", 1
     return c
 
 
 def digits_consistency():
     """digits with consistency training (iCT form): one-step generation. A step adds a no-grad
-    forward pass for the target; a short discretisation schedule (s1 = 160) suits short runs."""
+    forward pass for the target; a short discretisation schedule (s1 = 160) suits short runs.
+    No label dropout: few-step sampling uses no guidance. About 7 minutes on 2 CPU cores."""
     c = digits()
-    c.train.objective, c.train.steps, c.train.lr = "consistency", 3000, 1e-3
+    c.train.objective, c.train.steps, c.train.lr = "consistency", 5000, 1e-3
     c.train.consistency_s1 = 160
+    c.model.class_dropout = 0.0
     c.sample.solver, c.sample.steps = "few_step", 1
     return c
 

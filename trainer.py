@@ -206,7 +206,8 @@ class DiffusionTrainer:
         gradient norm was non-finite on any rank, and then the step changed no weight,
         optimizer moment or EMA; `stop` is 1 when any rank had `stop_requested`. Both come from
         one all-reduce of two flags, so every rank takes the same decisions."""
-        self.model.train()
+        if not (self.model.training and self.net.training):  # train() walks every submodule
+            self.model.train()
         t_all, x1_all, z_all, drop_all, extra_all = self.draw_step_noise()
         rank = self.dist.rank
         loss_sum = torch.zeros((), device=self.device)

@@ -2,7 +2,7 @@
 
     python benchmarks/objectives.py                    # step cost, then train + FD table
     python benchmarks/objectives.py --cost-only        # only the step-cost table (about 1 min)
-    python benchmarks/objectives.py --runs meanflow --num 1000
+    python benchmarks/objectives.py --runs meanflow --set train.steps=3000 train.lr=1e-3
 
 Step cost: the trainer's step (`DiffusionTrainer.train` over blocks of steps, as in
 benchmarks/throughput.py) for the `digits`, `digits_meanflow` and `digits_consistency` presets,
@@ -15,10 +15,12 @@ per-sample-seeded class-conditional samples are drawn and the Frechet distance o
 in-project digits classifier's features against the training set is printed (lower is better;
 the distance between two halves of the data set is the noise floor): few_step with 1, 2 and 4
 jumps for the few-step models; Euler with 1, 2, 4, 8 steps and the midpoint rule with 1, 2, 4
-steps (2, 4, 8 NFE) for the flow model, so every NFE has its flow reference.
+steps (2, 4, 8 NFE) for the flow model, so every NFE has its flow reference. `--set KEY=VALUE`
+overrides config fields of every run trained (values parsed as Python literals).
 """
 
 import argparse
+import ast
 import os
 import statistics
 import sys
@@ -76,20 +78,32 @@ def step_cost(rounds, steps_per_round):
     return lines
 
 
-def train(name, workdir):
+def parse_override(text):
+    """KEY=VALUE -> (KEY, VALUE as a Python literal, else the string)."""
+    key, _, value = text.partition("=")
+    try:
+        return key, ast.literal_eval(value)
+    except (ValueError, SyntaxError):
+        return key, value
+
+
+def train(name, workdir, overrides=()):
     c = config_lib.get_config(PRESETS[name])
     c.name, c.workdir, c.logging.wandb = f"bench_objectives_{name}", workdir, "disabled"
+    for key, value in overrides:
+        section, _, field = key.rpartition(".")
+        (c[section] if section else c)[field] = value
     c.train.sample_every = c.train.save_every = c.train.steps
     tic = time.time()
     trainer = main.train(c, {}, utils.DistInfo())
     return trainer, time.time() - tic
 
 
-def quality(runs, num, workdir):
+def quality(runs, num, workdir, overrides=()):
     extractor, reference, floor = recipes.digits_references()
     lines = ["| model | preset steps | train s | sampler | NFE | FD |", "| --- " * 6 + "|"]
     for name in runs:
-        trainer, seconds = train(name, workdir)
+        trainer, seconds = train(name, workdir, overrides)
         for label, sampler in SAMPLERS[name]:
             x, _, nfe = trainer.generate(num, **sampler)
             fd = recipes.frechet(extractor, x, reference)
@@ -113,7 +127,8 @@ def main_(args):
         if os.path.exists(run_dir):
             sys.exit(f"error: {run_dir} exists; the training time needs a fresh run (remove it)")
     print(f"run directories under {workdir}", flush=True)
-    print("\n".join(quality(args.runs, args.num, workdir)))
+    overrides = [parse_override(text) for text in args.set]
+    print("\n".join(quality(args.runs, args.num, workdir, overrides)))
 
 
 if __name__ == "__main__":
@@ -123,5 +138,6 @@ if __name__ == "__main__":
     parser.add_argument("--rounds", type=int, default=7)
     parser.add_argument("--steps-per-round", type=int, default=10)
     parser.add_argument("--cost-only", action="store_true")
+    parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE")
     parser.add_argument("--workdir", default=None, help="default: a new ckpts/bench_objectives_*")
     main_(parser.parse_args())
