@@ -651,6 +651,19 @@ def _batch_divisible(c, world_size):
     return None
 
 
+def _meanflow_intervals(c, world_size):
+    """MeanFlow pairs r != t on the first round(ratio * micro-batch) rows: at least one."""
+    t = c.train
+    micro = t.batch_size // (world_size * t.grad_accum)
+    if t.objective != "meanflow" or t.meanflow_ratio == 0 or round(t.meanflow_ratio * micro):
+        return None
+    return (
+        f"train.meanflow_ratio={t.meanflow_ratio} gives no sample with r != t in a micro-batch "
+        f"of {micro} (train.batch_size / (world size x train.grad_accum)): raise the batch or "
+        f"the ratio (above {0.5 / micro:.3g} for one sample per micro-batch)"
+    )
+
+
 def _unet_downsampling(c, world_size):
     if c.model.name != "unet":
         return None
@@ -717,6 +730,7 @@ def _eval_sample_count(c, world_size):
 
 CROSS_CHECKS = (
     _batch_divisible,
+    _meanflow_intervals,
     _unet_downsampling,
     _unet_attention_heads,
     _dit_patches,

@@ -278,6 +278,14 @@ def test_relations_between_keys():
     c.time_sampler.t_max = 0.4
     with pytest.raises(ValueError, match="need 0 <= t_min < t_max <= 1"):
         main.check_config(c, 1)
+    c = with_value("digits_meanflow", "train.batch_size", 4)  # 0.25 x 2 rows per rank: none
+    with pytest.raises(
+        ValueError,
+        match=r"^train.meanflow_ratio=0.25 gives no sample with r != t "
+        r"in a micro-batch of 2 .* \(above 0.25 for one",
+    ):
+        main.check_config(c, 2)
+    main.check_config(c, 1)  # 0.25 x 4 = 1 row: fine
 
 
 @pytest.mark.skipif(
