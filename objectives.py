@@ -113,7 +113,8 @@ class MeanFlow:
     `curriculum` > 0: the interval length t - r is capped at min(1, k / (curriculum K)) at step
     k of K (r = max(r, t - cap)), so training starts as flow matching and reaches full-length
     intervals after a fraction `curriculum` of the run (the instantaneous velocity first, then
-    ever longer averages, as AlphaFlow (Zhang et al. 2025) and Kim et al. 2025 motivate).
+    ever longer averages, as the AlphaFlow and "Understanding, accelerating, and improving
+    MeanFlow training" papers (2025) motivate).
     """
 
     name = "meanflow"

@@ -14,8 +14,10 @@ Randomness: the times, base samples, latents and label dropout of a step are dra
 GLOBAL batch from a generator seeded by (seed, step), and each rank takes its rows (row W * i + r
 of the micro-batch, matching the data loader's interleaving). So a run is identical for any
 number of ranks with the same global batch (except with OT pairing, which couples within each
-rank's micro-batch), and resuming needs no RNG state for them. Dropout inside the network uses
-the per-rank torch RNG (seeded by seed + rank), saved in every checkpoint.
+rank's micro-batch, and MeanFlow when train.meanflow_ratio x micro-batch is not an integer: its
+r != t rows are the first ones of each micro-batch), and resuming needs no RNG state for them.
+Dropout inside the network uses the per-rank torch RNG (seeded by seed + rank), saved in every
+checkpoint.
 """
 
 import contextlib
