@@ -148,7 +148,7 @@ def build_net(config, data_info):
     return NETWORKS[config.model.name](config.model, shape, num_classes, out)
 
 
-def check_combinations(config, process):
+def check_combinations(config, process, world_size=1):
     """Reject process / prediction / sampler combinations that cannot work (one line each)."""
     p, s, base = config.prediction, config.sample, config.process.base
     stochastic = config.process.gamma != "none"
@@ -170,7 +170,7 @@ def check_combinations(config, process):
             f"sample.solver={s.solver} needs a score, which process.base={base} "
             f"without a gamma lacks: set process.gamma=sqrt (or use an ODE solver)"
         )
-    check_objective(config, process)
+    check_objective(config, process, world_size)
     if p.preconditioning == "edm" and p.model_output != "x0":
         raise ValueError(
             f"prediction.preconditioning=edm makes the network an x0 predictor (EDM's D): set "
@@ -200,20 +200,28 @@ def check_combinations(config, process):
         )
 
 
-def check_objective(config, process):
+def check_objective(config, process, world_size=1):
     """One line for a train.objective that cannot work with the rest of the config."""
     c, s, p = config.train, config.sample, config.prediction
     objective = objectives.build_objective(
-        c.objective, time_sampler=None, s_min=c.consistency_s_min, s_max=c.consistency_s_max
+        c.objective,
+        time_sampler=None,
+        ratio=c.meanflow_ratio,
+        s_min=c.consistency_s_min,
+        s_max=c.consistency_s_max,
     )
     if objective.needs_time_inputs != config.model.time_inputs:
         raise ValueError(
             f"train.objective={c.objective} needs model.time_inputs="
             f"{objective.needs_time_inputs} (it is {config.model.time_inputs})"
         )
-    message = objective.processes_allowed(process, config.process.base)
-    if message:
-        raise ValueError(message)
+    micro_batch = c.batch_size // (world_size * c.grad_accum)
+    for message in (
+        objective.processes_allowed(process, config.process.base),
+        objective.batch_allowed(micro_batch),
+    ):
+        if message:
+            raise ValueError(message)
     few_step = s.solver in sampling.FEW_STEP_SOLVERS
     if few_step != (c.objective != "flow"):
         raise ValueError(
@@ -290,7 +298,7 @@ def check_config(config, world_size, evaluating=None):
     config_lib.validate(config, registry_choices(), world_size)
     pc = config.process
     process = build_process(pc.name, gamma=pc.gamma, gamma_scale=pc.gamma_scale)
-    check_combinations(config, process)
+    check_combinations(config, process, world_size)
     if config.train.eval_every if evaluating is None else evaluating:
         evaluation.check_feature_extractor(
             config.eval.feature_extractor, config.data.name, config.sample.num

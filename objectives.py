@@ -5,6 +5,7 @@ conditional velocity v_t = alpha_dot x0 + sigma_dot x1. An objective is selected
 `train.objective` (OBJECTIVES) and gives:
   - needs_time_inputs: 1 (net(x, t, y)) or 2 (net(x, t, y, r));
   - processes_allowed(process, base) -> None, or a one-line error naming the valid processes;
+  - batch_allowed(micro_batch) -> None, or a one-line error for a micro-batch it cannot use;
   - draw(n, generator, device, t) -> the extra per-sample randomness of the global batch
     (a (n,) tensor, split across ranks and micro-batches like t), or None;
   - loss(model, process, x0, x1, t, extra, y, step, total_steps) -> the scalar loss, mean over
@@ -82,6 +83,9 @@ class FlowMatching:
     def processes_allowed(self, process, base="gaussian"):
         return None
 
+    def batch_allowed(self, micro_batch):
+        return None
+
     def draw(self, n, generator, device, t):
         return None
 
@@ -148,6 +152,16 @@ class MeanFlow:
     def interval_count(self, batch):
         """How many rows of a micro-batch of `batch` get r != t: round(ratio * batch)."""
         return round(self.ratio * batch)
+
+    def batch_allowed(self, micro_batch):
+        """An error when ratio > 0 but no row of the micro-batch would get r != t."""
+        if self.ratio == 0 or self.interval_count(micro_batch):
+            return None
+        return (
+            f"train.meanflow_ratio={self.ratio} gives no sample with r != t in a micro-batch "
+            f"of {micro_batch} (train.batch_size / (world size x train.grad_accum)): raise the "
+            f"batch or the ratio (above {0.5 / micro_batch:.3g} for one sample per micro-batch)"
+        )
 
     def max_interval(self, step, total_steps):
         """The cap on t - r at `step` of `total_steps` (1: no cap)."""
@@ -304,6 +318,9 @@ class Consistency:
                 f"[{float(ends[0]):g}, {float(ends[1]):g}] (valid: linear, trig, vp_linear, "
                 f"vp_cosine, ve with sigma_max >= {self.s_max:g})"
             )
+        return None
+
+    def batch_allowed(self, micro_batch):
         return None
 
     def draw(self, n, generator, device, t):

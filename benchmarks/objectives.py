@@ -25,7 +25,6 @@ import os
 import statistics
 import sys
 import tempfile
-import time
 
 import torch
 
@@ -34,7 +33,6 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import recipes  # noqa: E402  (benchmarks/recipes.py: feature extractor, reference statistics)
 import throughput  # noqa: E402  (benchmarks/throughput.py: bench_config, time_block)
 
-import config as config_lib  # noqa: E402
 import main  # noqa: E402
 import utils  # noqa: E402
 
@@ -87,23 +85,13 @@ def parse_override(text):
         return key, value
 
 
-def train(name, workdir, overrides=()):
-    c = config_lib.get_config(PRESETS[name])
-    c.name, c.workdir, c.logging.wandb = f"bench_objectives_{name}", workdir, "disabled"
-    for key, value in overrides:
-        section, _, field = key.rpartition(".")
-        (c[section] if section else c)[field] = value
-    c.train.sample_every = c.train.save_every = c.train.steps
-    tic = time.time()
-    trainer = main.train(c, {}, utils.DistInfo())
-    return trainer, time.time() - tic
-
-
-def quality(runs, num, workdir, overrides=()):
+def quality(runs, num, workdir, overrides):
     extractor, reference, floor = recipes.digits_references()
     lines = ["| model | preset steps | train s | sampler | NFE | FD |", "| --- " * 6 + "|"]
     for name in runs:
-        trainer, seconds = train(name, workdir, overrides)
+        trainer, seconds = recipes.train(
+            f"objectives_{name}", PRESETS[name], overrides, None, workdir
+        )
         for label, sampler in SAMPLERS[name]:
             x, _, nfe = trainer.generate(num, **sampler)
             fd = recipes.frechet(extractor, x, reference)
@@ -127,7 +115,7 @@ def main_(args):
         if os.path.exists(run_dir):
             sys.exit(f"error: {run_dir} exists; the training time needs a fresh run (remove it)")
     print(f"run directories under {workdir}", flush=True)
-    overrides = [parse_override(text) for text in args.set]
+    overrides = dict(parse_override(text) for text in args.set)
     print("\n".join(quality(args.runs, args.num, workdir, overrides)))
 
 

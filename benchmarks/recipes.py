@@ -43,12 +43,16 @@ SAMPLERS = {
 
 
 def train(name, preset, overrides, steps, workdir):
+    """Train (or resume) ckpts-style run `bench_<name>` of `preset` under `workdir` for `steps`
+    steps (None: the preset's), with `overrides` {"section.field": value}, sampling only at the
+    end; returns (trainer, wall-clock seconds)."""
     c = config_lib.get_config(preset)
     c.name, c.workdir, c.logging.wandb = f"bench_{name}", workdir, "disabled"
-    c.train.steps, c.train.sample_every = steps, steps
     for key, value in overrides.items():
         section, field = key.split(".")
         c[section][field] = value
+    c.train.steps = steps or c.train.steps
+    c.train.sample_every = c.train.steps
     tic = time.time()
     trainer = main.train(c, {}, utils.DistInfo())
     return trainer, time.time() - tic

@@ -4,6 +4,8 @@ import os
 import subprocess
 import sys
 
+import torch
+
 import config as config_lib
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -78,3 +80,13 @@ def run_torchrun(nproc, script, *args, timeout=240):
     result = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, env=env, timeout=timeout)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     return result
+
+
+def perturb_zero_init(net, std=0.1):
+    """Fill every all-zero parameter (zero-initialised layers, norm biases) with noise."""
+    torch.manual_seed(1)
+    with torch.no_grad():
+        for p in net.parameters():
+            if torch.all(p == 0):
+                torch.nn.init.normal_(p, std=std)
+    return net

@@ -7,20 +7,12 @@ import math
 import pytest
 import torch
 import torch.nn as nn
+from helpers import perturb_zero_init
 
 import data_utils
 from dit import DiT, sincos_2d
 
 NUM_CLASSES = 10
-
-
-def perturb_zero_init(net, std=0.1):
-    torch.manual_seed(1)
-    with torch.no_grad():
-        for p in net.parameters():
-            if torch.all(p == 0):
-                nn.init.normal_(p, std=std)
-    return net
 
 
 @pytest.mark.parametrize(

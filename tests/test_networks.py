@@ -3,7 +3,7 @@ gradients, the second time input r and the time embedding's range."""
 
 import pytest
 import torch
-import torch.nn as nn
+from helpers import perturb_zero_init
 
 from dit import DiT
 from mlp import MLP
@@ -35,16 +35,6 @@ def image_batch(net, batch_size=4):
 
 def vector_batch(batch_size=4):
     return torch.randn(batch_size, 2)
-
-
-def perturb_zero_init(net, std=0.1):
-    """Fill every all-zero parameter (zero-initialised layers, norm biases) with noise."""
-    torch.manual_seed(1)
-    with torch.no_grad():
-        for p in net.parameters():
-            if torch.all(p == 0):
-                nn.init.normal_(p, std=std)
-    return net
 
 
 # (network factory, input factory) pairs; conditional versions take num_classes
