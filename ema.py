@@ -111,10 +111,16 @@ class TensorPairs:
 @torch.no_grad()
 def lerp_towards(average, model, weight, keep=1.0, tensors=None):
     """average <- average + weight * (model - average) for the parameters; buffers copied
-    where keep > 0 (keep may be a 0-dim tensor). `tensors`: paired_tensors(average, model),
-    if already listed."""
+    where keep > 0. `weight` and `keep` may be 0-dim device tensors (no host sync either way).
+    `tensors`: paired_tensors(average, model), if already listed."""
     ema_params, params, ema_buffers, buffers = tensors or paired_tensors(average, model)
-    torch._foreach_lerp_(ema_params, params, weight)
+    if isinstance(weight, torch.Tensor):
+        # A device scalar: the list overload reads it on the device. Passed as the scalar weight
+        # it would be converted with .item(), a host sync at every training step.
+        weights = [weight.to(p.dtype) for p in ema_params[:1]] * len(ema_params)
+        torch._foreach_lerp_(ema_params, params, weights)
+    else:
+        torch._foreach_lerp_(ema_params, params, weight)
     for ema_buffer, buffer in zip(ema_buffers, buffers, strict=True):
         if isinstance(keep, torch.Tensor):
             ema_buffer.copy_(torch.where(keep > 0, buffer, ema_buffer))

@@ -1,5 +1,5 @@
-"""Small shared helpers: distributed info, seeding, RNG state, atomic files, stop signals, and
-the torchrun launcher used by run.sh (`python utils.py TORCHRUN_ARGS`)."""
+"""Small shared helpers: distributed info, seeding, RNG state, atomic files, stop signals, a
+host-sync detector, and the torchrun launcher used by run.sh (`python utils.py TORCHRUN_ARGS`)."""
 
 import ctypes
 import json
@@ -10,11 +10,13 @@ import signal
 import sys
 import tempfile
 import threading
+import traceback
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 import torch.distributed as dist
+from torch.utils._python_dispatch import TorchDispatchMode
 
 
 @dataclass(frozen=True)
@@ -230,6 +232,41 @@ def any_rank(flags, device):
     if dist.is_initialized():
         dist.all_reduce(values, op=dist.ReduceOp.MAX)
     return values
+
+
+class HostSyncCounter(TorchDispatchMode):
+    """Records the operators that make the host wait for an accelerator, on any device, so a
+    CPU test can prove that the training step has none: `.item()`, `bool(tensor)`, a 0-dim
+    tensor passed where a number is expected (all `_local_scalar_dense`), and the ops whose
+    output size depends on the data (nonzero, boolean-mask indexing, masked_select, unique,
+    repeat_interleave without output_size). Copies to the host are not seen on the CPU.
+
+        with HostSyncCounter(where=lambda: trainer.step) as syncs:
+            trainer.train_step()
+        assert not syncs.hits, syncs.hits
+
+    `hits` lists (operator name, where(), innermost frames of this repository)."""
+
+    OPS = {"_local_scalar_dense", "is_nonzero", "nonzero", "masked_select", "unique"}
+    OPS |= {"_unique2", "unique_dim", "unique_consecutive", "equal", "repeat_interleave"}
+
+    def __init__(self, where=lambda: None):
+        super().__init__()
+        self.where, self.hits = where, []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        name = func.overloadpacket.__name__
+        if name in self.OPS or (name.startswith("index") and _has_bool_index(args)):
+            root = os.path.dirname(os.path.abspath(__file__))
+            frames = [f for f in traceback.extract_stack()[:-1] if f.filename.startswith(root)]
+            trail = " <- ".join(f"{os.path.basename(f.filename)}:{f.lineno}" for f in frames[-3:])
+            self.hits.append((name, self.where(), trail))
+        return func(*args, **(kwargs or {}))
+
+
+def _has_bool_index(args):
+    indices = args[1] if len(args) > 1 and isinstance(args[1], (list, tuple)) else ()
+    return any(torch.is_tensor(i) and i.dtype in (torch.bool, torch.uint8) for i in indices)
 
 
 # ---------------------------------------------------------------------------------------------
