@@ -4,10 +4,11 @@
 #   sh benchmarks/gpu_check.sh                 # on a CUDA machine
 #   ALLOW_CPU=1 sh benchmarks/gpu_check.sh     # the same items on the CPU (checks the script)
 #
-# Items: a bf16 + torch.compile training run; a NCCL all-reduce through torchrun; a run through
-# run.sh (every visible GPU, NCCL when there are several); sampling from its checkpoint; an exact
-# resume (3 + 3 steps against 6 in one go, every tensor of the two checkpoints compared). Work
-# goes to a temporary folder that is removed at the end.
+# Items: a bf16 + torch.compile training run; no host sync in the training step of six presets
+# (fp32 and bf16, CUDA's sync debug mode set to "error"); a NCCL all-reduce through torchrun; a
+# run through run.sh (every visible GPU, NCCL when there are several); sampling from its
+# checkpoint; an exact resume (3 + 3 steps against 6 in one go, every tensor of the two
+# checkpoints compared). Work goes to a temporary folder that is removed at the end.
 cd "$(dirname "$0")/.." || exit 1
 PY=${PYTHON:-python3}
 WORK=$(mktemp -d)
@@ -44,6 +45,9 @@ TINY="--config.logging.wandb=disabled --config.workdir=$WORK --config.train.log_
 # shellcheck disable=SC2086
 check bf16_compile_train $PY main.py $TINY --config.name=bf16 --config.train.steps=20 \
   --config.train.precision=bf16 --config.train.compile=True
+
+check no_host_sync_fp32 $PY benchmarks/sync_check.py --precision fp32
+check no_host_sync_bf16 $PY benchmarks/sync_check.py --precision bf16
 
 nccl_allreduce() {
   $PY -m torch.distributed.run --standalone --nproc_per_node=1 benchmarks/nccl_check.py

@@ -8,9 +8,10 @@ Overhead (CPU and GPU): `trainer` is `DiffusionTrainer.train` over a block of st
 loading, per-step noise, time sampling, prediction conversion, clipping, LR schedule, EMA,
 non-finite checks, progress bar and periodic logging; no sampling or saving); `bare` is
 forward + MSE + backward + AdamW step + zero_grad of an identical network on one fixed batch,
-nothing else. Blocks of the two alternate (ABAB...) so that both see the same machine load;
-the median block time per step is reported, and the overhead trainer / bare - 1 as the
-median (and quartiles) over rounds of each trainer block against the bare block after it.
+nothing else. Blocks alternate (bare, trainer, trainer with its EMA update and gradient norm
+as no-ops, then again) so that all see the same machine load; the median block time per step
+is reported, and the overhead loop / bare - 1 as the median (and quartiles) over rounds of each
+loop block against the bare block of its round.
 
 GPU (`--gpu`): for the cifar10 U-Net (and the DiT, where `model.name=dit` exists) at batch 128,
 bare steps in fp32 eager, bf16 autocast, torch.compile, channels-last and fused AdamW, with
@@ -22,6 +23,7 @@ Results go to stdout as Markdown tables; paste them into docs/benchmarks.md.
 """
 
 import argparse
+import contextlib
 import copy
 import os
 import resource
@@ -119,7 +121,11 @@ def peak_rss_mib():
 # Trainer overhead.
 # ---------------------------------------------------------------------------------------------
 def overhead(preset, rounds, steps_per_round, device_note, **overrides):
-    """Median seconds per step of the trainer and of a bare step, alternating blocks."""
+    """Table rows: the trainer against a bare step, and the trainer with its EMA update and
+    gradient norm (clipping) replaced by no-ops, to show what those two cost. Each round times
+    one block of each (bare, trainer, trainer without EMA / norm); each trainer block is compared
+    with the bare block of its round, so machine drift cancels: median and quartiles of those
+    paired ratios over the rounds."""
     with tempfile.TemporaryDirectory() as workdir:
         config = bench_config(preset, workdir, **overrides)
         dist_info = utils.setup_distributed()
@@ -133,24 +139,52 @@ def overhead(preset, rounds, steps_per_round, device_note, **overrides):
         def trainer_block():
             trainer.train(logger_factory(trainer), until=trainer.step + steps_per_round)
 
-        for fn in (trainer_block, bare):  # warm up both
-            time_block(fn, 1 if fn is trainer_block else steps_per_round, dist_info.device)
-        times = {"trainer": [], "bare": []}
+        def trainer_block_without_ema_and_norm():
+            with without_ema_and_norm(trainer):
+                trainer_block()
+
+        blocks = {
+            "bare": (bare, steps_per_round),
+            "trainer": (trainer_block, 1),
+            "trainer, EMA and gradient norm as no-ops": (trainer_block_without_ema_and_norm, 1),
+        }
+        times = {name: [] for name in blocks}
+        for _ in range(2):  # warm up
+            for fn, repeats in blocks.values():
+                time_block(fn, repeats, dist_info.device)
         for _ in range(rounds):
-            times["trainer"].append(time_block(trainer_block, 1, dist_info.device))
-            times["bare"].append(time_block(bare, steps_per_round, dist_info.device))
-        trainer_s = statistics.median(times["trainer"]) / steps_per_round
-        bare_s = statistics.median(times["bare"])
-        # Each trainer block against the bare block right after it: machine drift cancels.
-        ratios = [t / steps_per_round / b - 1 for t, b in zip(*times.values(), strict=True)]
-        low, mid, high = statistics.quantiles(ratios, n=4) if len(ratios) > 1 else ratios * 3
+            for name, (fn, repeats) in blocks.items():
+                times[name].append(time_block(fn, repeats, dist_info.device) * repeats)
+        bare_s = statistics.median(times["bare"]) / steps_per_round
         n_params = sum(p.numel() for p in trainer.net.parameters())
         batch = config.train.batch_size
-        return (
-            f"| {preset} ({config.model.name}, {n_params / 1e6:.2f}M) | {batch} | "
-            f"{bare_s * 1e3:.2f} | {trainer_s * 1e3:.2f} | {100 * mid:+.1f} % "
-            f"({100 * low:+.1f} to {100 * high:+.1f}) | {batch / trainer_s:.0f} | {device_note} |"
-        )
+        rows = []
+        for name in list(blocks)[1:]:
+            step_s = statistics.median(times[name]) / steps_per_round
+            ratios = [t / b - 1 for t, b in zip(times[name], times["bare"], strict=True)]
+            low, mid, high = statistics.quantiles(ratios, n=4) if len(ratios) > 1 else ratios * 3
+            rows.append(
+                f"| {preset} ({config.model.name}, {n_params / 1e6:.2f}M) | {name} | {batch} | "
+                f"{bare_s * 1e3:.2f} | {step_s * 1e3:.2f} | {100 * mid:+.1f} % "
+                f"({100 * low:+.1f} to {100 * high:+.1f}) | {batch / step_s:.0f} | {device_note} |"
+            )
+        return "\n".join(rows)
+
+
+@contextlib.contextmanager
+def without_ema_and_norm(trainer):
+    """The trainer with no EMA update and no gradient norm (so no clipping): an attribution
+    device for this benchmark only."""
+    import trainer as trainer_module
+
+    update, clip = trainer.ema.update, trainer_module.clip_gradients
+    zero = torch.zeros((), device=trainer.device)
+    trainer.ema.update = lambda *args, **kwargs: None
+    trainer_module.clip_gradients = lambda *args, **kwargs: zero
+    try:
+        yield
+    finally:
+        trainer.ema.update, trainer_module.clip_gradients = update, clip
 
 
 def logger_factory(trainer):
@@ -296,9 +330,9 @@ def ddp_worker(preset, batch, steps):
 
 # ---------------------------------------------------------------------------------------------
 OVERHEAD_HEADER = (
-    "| preset | batch | bare ms / step | trainer ms / step | overhead (quartiles) | samples / s "
-    "| device |\n"
-    "| --- | --- | --- | --- | --- | --- | --- |"
+    "| preset | loop | batch | bare ms / step | loop ms / step | overhead (quartiles) "
+    "| samples / s | device |\n"
+    "| --- | --- | --- | --- | --- | --- | --- | --- |"
 )
 
 

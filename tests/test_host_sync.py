@@ -2,9 +2,13 @@
 every operator that would make the host wait for a GPU (`.item()`, a 0-dim tensor read as a
 number, data-dependent shapes)."""
 
+import os
+import subprocess
+import sys
+
 import pytest
 import torch
-from helpers import tiny_config
+from helpers import ROOT, tiny_config
 
 import main
 import utils
@@ -124,3 +128,16 @@ def test_ema_with_a_device_weight_matches_the_float_weight_without_a_sync():
     lerp_towards(by_tensor, model, 0.3 * torch.zeros(()), torch.zeros(()))  # a skipped step
     for key, value in by_tensor.state_dict().items():
         assert torch.equal(value, before[key]), key
+
+
+def test_sync_check_script_passes_on_this_device():
+    """benchmarks/sync_check.py (run by gpu_check.sh on CUDA) passes here, one line per preset."""
+    script = os.path.join(ROOT, "benchmarks", "sync_check.py")
+    result = subprocess.run(
+        [sys.executable, script, "--presets", "checkerboard", "--steps", "2"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "PASS  no host sync: checkerboard fp32" in result.stdout
