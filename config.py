@@ -99,7 +99,7 @@ def base_config():
     c.train.ema_decay = 0.9999  # classic
     c.train.ema_stds = (0.05, 0.10)  # power: relative stds tracked; sampling uses the first
     c.train.ema_snapshot_every = 0  # power: snapshot to <run>/ema_snapshots every N steps; 0: off
-    c.train.precision = "fp32"  # fp32 | bf16 (autocast on CUDA)
+    c.train.precision = "fp32"  # fp32 | bf16 (autocast: meant for GPUs, runs on CPU too)
     c.train.compile = False  # torch.compile the network
     c.train.log_every = 100
     c.train.sample_every = 5000  # sample grid into the run directory; 0 disables

@@ -202,7 +202,8 @@ def meanflow_target(model, process, z_t, v_t, r, t, y, time_scale=1.0, intervals
     (z, r, t) -> u_theta with tangents (v_t, 0, 1) (torch.func.jvp), under no_grad since the
     target is detached, and only on the first `intervals` rows (default: all): the others must
     have r = t, where u_tgt = v_t. The JVP calls the module inside a DDP wrapper (no gradient to
-    synchronise, no collective); with dropout its mask differs from u's pass.
+    synchronise, no collective), in fp32 under bf16 autocast; with dropout its mask differs from
+    u's pass.
     """
     intervals = t.shape[0] if intervals is None else intervals
     jvp_model = model.module if isinstance(model, DistributedDataParallel) else model
@@ -216,7 +217,10 @@ def meanflow_target(model, process, z_t, v_t, r, t, y, time_scale=1.0, intervals
         return u, v_t.detach()
     rows = slice(0, intervals)
     labels = None if y is None else y[rows]
-    with torch.no_grad():
+    # The JVP runs in fp32 even under bf16 autocast: through an op that autocast keeps in fp32
+    # (group_norm), forward-mode AD returns a tangent whose dtype differs from its primal's, and
+    # the next convolution then fails on mixed dtypes (torch 2.13).
+    with torch.no_grad(), torch.autocast(z_t.device.type, enabled=False):
         _, du_dt = torch.func.jvp(
             lambda z, r_in, t_in: average_velocity(jvp_model, z, r_in, t_in, labels),
             (z_t[rows], r[rows], t[rows]),

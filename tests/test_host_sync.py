@@ -46,7 +46,10 @@ CASES = {
     "meanflow": ("digits_meanflow", {}),
     "consistency": ("digits_consistency", {}),
     "power EMA, grad accumulation": ("digits", {"train.ema": "power", "train.grad_accum": 2}),
-    "no clipping, weight decay": ("digits", {"train.grad_clip": 0.0, "train.weight_decay": 0.01}),
+    "trig, no clipping, weight decay": (
+        "digits",
+        {"process.name": "trig", "train.grad_clip": 0.0, "train.weight_decay": 0.01},
+    ),
 }
 
 

@@ -5,7 +5,7 @@ import os
 
 import pytest
 import torch
-from helpers import ROOT, run_torchrun
+from helpers import ROOT, perturb_zero_init, run_torchrun
 from objectives_ddp_worker import one_step
 
 import objectives
@@ -14,6 +14,7 @@ import sampling
 from mlp import MLP
 from processes import PROCESSES, build_process
 from time_samplers import build_time_sampler
+from unet import UNet
 
 WORKER = os.path.join(ROOT, "tests", "objectives_ddp_worker.py")
 
@@ -515,3 +516,25 @@ def test_meanflow_curriculum_caps_the_interval_then_lets_it_go():
     torch.testing.assert_close(off.pair_times(t, second, 0, 200)[1], torch.minimum(t, second))
     with pytest.raises(ValueError, match="train.meanflow_curriculum=2"):
         objectives.MeanFlow(build_time_sampler("uniform"), curriculum=2)
+
+
+def test_meanflow_target_under_bf16_autocast_is_the_fp32_target():
+    """Under bf16 autocast the JVP runs in fp32 (torch's forward-mode AD through group_norm, which
+    autocast keeps in fp32, mixes dtypes and the next convolution fails): the target equals the
+    target computed without autocast, while u itself comes from the bf16 forward pass."""
+    net = UNet(1, 8, 8, (1, 2), 1, (), num_classes=3, time_inputs=2)
+    perturb_zero_init(net)
+    process = build_process("linear")
+    generator = torch.Generator().manual_seed(7)
+    z, v = (
+        torch.randn(4, 1, 8, 8, generator=generator),
+        torch.randn(4, 1, 8, 8, generator=generator),
+    )
+    t = 0.2 + 0.7 * torch.rand(4, generator=generator)
+    r, y = t * torch.rand(4, generator=generator), torch.tensor([0, 1, 2, 3])
+    u32, target32 = objectives.meanflow_target(net, process, z, v, r, t, y, 1.0, 2)
+    with torch.autocast("cpu", torch.bfloat16):
+        u16, target16 = objectives.meanflow_target(net, process, z, v, r, t, y, 1.0, 2)
+    assert u16.dtype == torch.bfloat16 and target16.dtype == torch.float32
+    torch.testing.assert_close(target16, target32, rtol=0, atol=0)
+    torch.testing.assert_close(u16.float(), u32, rtol=0.05, atol=0.05)
