@@ -15,7 +15,8 @@ loop block against the bare block of its round.
 
 GPU (`--gpu`): for the cifar10 U-Net (and the DiT, where `model.name=dit` exists) at batch 128,
 bare steps in fp32 eager, bf16 autocast, torch.compile, channels-last and fused AdamW, with
-images/s and peak memory per GPU and the ratio to fp32 eager.
+images/s and peak memory per GPU and the ratio to fp32 eager; then the overhead rows of the
+cifar10 trainer, on random images written in CIFAR-10's format (the GPU machine needs no data).
 
 Scaling (CPU): bare step time and peak memory against batch size and U-Net width, and the
 trainer's step with 2 gloo processes (torchrun) against 1 process at the same global batch.
@@ -26,6 +27,7 @@ import argparse
 import contextlib
 import copy
 import os
+import pickle
 import resource
 import statistics
 import subprocess
@@ -33,6 +35,7 @@ import sys
 import tempfile
 import time
 
+import numpy as np
 import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -212,34 +215,58 @@ GPU_VARIANTS = {
 }
 
 
-def gpu_table(preset, batch, steps, overrides):
-    device = torch.device("cuda")
-    with tempfile.TemporaryDirectory() as workdir:
-        config = bench_config(preset, workdir, **overrides)
-        config.train.batch_size = batch
-        from data_utils import ArrayDataset  # noqa: F401  (only the shape is needed below)
-
-        info = {"shape": [3, 32, 32], "num_classes": 0, "kind": "image"}
-        rows, base = [], None
-        for name, options in GPU_VARIANTS.items():
-            if options.get("channels_last") and config.model.name != "unet":
-                continue
-            utils.seed_everything(0)
-            net = main.build_net(config, info).to(device)
-            x0 = torch.randn(batch, *info["shape"], device=device).clamp(-1, 1)
-            step = BareStep(net, x0, None, config.train.lr, **options)
-            time_block(step, 3 if options.get("compile") else 1, device)  # compile / warm up
+def gpu_table(preset, batch, steps, overrides, device="cuda", variants=None):
+    """Rows of bare-step time, images/s and peak memory per variant of GPU_VARIANTS (all, or the
+    names in `variants`), with the ratio to the first. On a CPU `device` (a dry run of the
+    code path) the peak is the process's resident memory."""
+    device = torch.device(device)
+    config = bench_config(preset, "unused", **overrides)
+    info = {"shape": [3, 32, 32], "num_classes": 0, "kind": "image"}
+    rows, base = [], None
+    for name, options in GPU_VARIANTS.items():
+        if variants is not None and name not in variants:
+            continue
+        if options.get("channels_last") and config.model.name != "unet":
+            continue
+        utils.seed_everything(0)
+        net = main.build_net(config, info).to(device)
+        x0 = torch.randn(batch, *info["shape"], device=device).clamp(-1, 1)
+        step = BareStep(net, x0, None, config.train.lr, **options)
+        time_block(step, 3 if options.get("compile") else 1, device)  # compile / warm up
+        if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
-            seconds = statistics.median(time_block(step, steps, device) for _ in range(3))
+        seconds = statistics.median(time_block(step, steps, device) for _ in range(3))
+        if device.type == "cuda":
             peak = torch.cuda.max_memory_allocated(device) / 2**30
-            base = base or seconds
-            rows.append(
-                f"| {preset} {name} | {batch} | {seconds * 1e3:.1f} | {batch / seconds:.0f} | "
-                f"{peak:.2f} | {base / seconds:.2f}x |"
-            )
-            del step, net
+        else:
+            peak = peak_rss_mib() / 1024
+        base = base or seconds
+        rows.append(
+            f"| {preset} {name} | {batch} | {seconds * 1e3:.1f} | {batch / seconds:.0f} | "
+            f"{peak:.2f} | {base / seconds:.2f}x |"
+        )
+        del step, net
+        if device.type == "cuda":
             torch.cuda.empty_cache()
-        return rows
+    return rows
+
+
+def write_synthetic_cifar10(root, per_batch=512, seed=0):
+    """Random images in CIFAR-10's python-batch format under root/cifar-10-batches-py/ (the five
+    training batches and the test batch), so that the `cifar10` preset's trainer runs on a
+    machine without the dataset: timing does not depend on the pixel values."""
+    folder = os.path.join(root, "cifar-10-batches-py")
+    os.makedirs(folder, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    names = [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]
+    for name in names:
+        batch = {
+            b"data": rng.integers(0, 256, (per_batch, 3072), dtype=np.uint8),
+            b"labels": rng.integers(0, 10, per_batch).tolist(),
+        }
+        with open(os.path.join(folder, name), "wb") as f:
+            pickle.dump(batch, f)
+    return root
 
 
 # ---------------------------------------------------------------------------------------------
@@ -355,7 +382,12 @@ def main_(args):
             for row in gpu_table(preset, args.batch or 128, args.steps_per_round, overrides):
                 print(row, flush=True)
         print("\n" + OVERHEAD_HEADER)
-        print(overhead("cifar10", args.rounds, args.steps_per_round, "cuda"), flush=True)
+        with tempfile.TemporaryDirectory() as data_root:  # no dataset needed on the GPU machine
+            write_synthetic_cifar10(data_root)
+            row = overhead(
+                "cifar10", args.rounds, args.steps_per_round, "cuda", **{"data.root": data_root}
+            )
+        print(row, flush=True)
         return None
     print(f"CPU, {torch.get_num_threads()} threads, torch {torch.__version__}\n")
     print(OVERHEAD_HEADER)
