@@ -248,7 +248,7 @@ class HostSyncCounter(TorchDispatchMode):
     `hits` lists (operator name, where(), innermost frames of this repository)."""
 
     OPS = {"_local_scalar_dense", "is_nonzero", "nonzero", "masked_select", "unique"}
-    OPS |= {"_unique2", "unique_dim", "unique_consecutive", "equal", "repeat_interleave"}
+    OPS |= {"_unique2", "unique_dim", "unique_consecutive", "equal"}
 
     def __init__(self, where=lambda: None):
         super().__init__()
@@ -256,7 +256,8 @@ class HostSyncCounter(TorchDispatchMode):
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         name = func.overloadpacket.__name__
-        if name in self.OPS or (name.startswith("index") and _has_bool_index(args)):
+        sized = name == "repeat_interleave" and (kwargs or {}).get("output_size") is None
+        if name in self.OPS or sized or (name.startswith("index") and _has_bool_index(args)):
             root = os.path.dirname(os.path.abspath(__file__))
             frames = [f for f in traceback.extract_stack()[:-1] if f.filename.startswith(root)]
             trail = " <- ".join(f"{os.path.basename(f.filename)}:{f.lineno}" for f in frames[-3:])

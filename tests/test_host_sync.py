@@ -103,11 +103,14 @@ def test_the_counter_sees_every_kind_of_sync():
         x.nonzero()
         torch.unique(x)
         torch._foreach_lerp_([x.clone()], [x], torch.tensor(0.5))  # the Scalar overload
+        torch.repeat_interleave(x, torch.tensor([1, 2, 1, 1, 1, 1]))
     names = [name for name, _, _ in syncs.hits]
     assert names.count("_local_scalar_dense") == 3
-    assert {"index", "nonzero"} <= set(names) and any("unique" in n for n in names)
+    assert {"index", "nonzero", "repeat_interleave"} <= set(names)
+    assert any("unique" in n for n in names)
     with utils.HostSyncCounter() as syncs:
         x[torch.tensor([0, 2])] * 2 + x.mean()
+        torch.repeat_interleave(x, torch.tensor([1, 2, 1, 1, 1, 1]), output_size=7)
     assert syncs.hits == []
 
 
