@@ -242,7 +242,8 @@ def gpu_table(preset, batch, steps, overrides, device="cuda", variants=None):
             peak = peak_rss_mib() / 1024
         base = base or seconds
         rows.append(
-            f"| {preset} {name} | {batch} | {seconds * 1e3:.1f} | {batch / seconds:.0f} | "
+            f"| {preset} {config.model.name}, {name} | {batch} | {seconds * 1e3:.1f} | "
+            f"{batch / seconds:.0f} | "
             f"{peak:.2f} | {base / seconds:.2f}x |"
         )
         del step, net

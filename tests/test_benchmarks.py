@@ -22,7 +22,7 @@ def test_gpu_variant_table_runs_on_the_cpu():
     variants = ["fp32 eager", "bf16 autocast", "bf16 + channels-last"]
     variants += ["fp32 + foreach AdamW (not fused)"]
     rows = throughput.gpu_table("cifar10", 2, 1, TINY, device="cpu", variants=variants)
-    assert [cells(row)[0] for row in rows] == [f"cifar10 {name}" for name in variants]
+    assert [cells(row)[0] for row in rows] == [f"cifar10 unet, {name}" for name in variants]
     first = cells(rows[0])
     assert first[1] == "2" and float(first[2]) > 0 and first[5] == "1.00x"
     assert all(float(cells(row)[4]) > 0 for row in rows)  # peak memory, GiB
