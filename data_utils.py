@@ -27,6 +27,8 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
+import utils
+
 MNIST_URLS = (
     "https://ossci-datasets.s3.amazonaws.com/mnist/",
     "http://yann.lecun.com/exdb/mnist/",
@@ -710,18 +712,17 @@ class InfiniteLoader:
 
     def _fetch(self, chunk: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
         """The batch for `chunk` on `self.device`, before flips."""
-        if self._worker_iter is not None:
+        if self._worker_iter is not None:  # pinned by the DataLoader on CUDA
             x, y = next(self._worker_iter)
         else:
             x, y = self.dataset.__getitems__(chunk)
-        non_blocking = self.device.type == "cuda"
-        return tuple(t.to(self.device, non_blocking=non_blocking) for t in (x, y))
+        return tuple(utils.to_device(t, self.device) for t in (x, y))
 
     def _apply_flips(self, x: torch.Tensor, chunk: list[int]) -> torch.Tensor:
         """Mirror the rows whose dataset index is set in this epoch's flip mask (on device)."""
         if self._flips is None:
             return x
-        mask = self._flips[torch.as_tensor(chunk)].to(x.device)
+        mask = utils.to_device(self._flips[torch.as_tensor(chunk)], x.device)
         return torch.where(mask.view(-1, *([1] * (x.dim() - 1))), x.flip(-1), x)
 
     def __next__(self) -> tuple[torch.Tensor, torch.Tensor]:

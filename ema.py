@@ -109,18 +109,28 @@ class TensorPairs:
 
 
 @torch.no_grad()
+def lerp_by_device_scalar(averages, targets, weight):
+    """averages <- averages + weight * (targets - averages) for a 0-dim device tensor `weight`,
+    without a host sync, in three fused multi-tensor kernels. (torch._foreach_lerp_ would read
+    the weight with .item() through its scalar overload, and its list overload takes CUDA's
+    fast path only for weights shaped like each tensor: one kernel per tensor otherwise.)"""
+    deltas = torch._foreach_sub(targets, averages)
+    torch._foreach_mul_(deltas, weight)
+    torch._foreach_add_(averages, deltas)
+
+
+@torch.no_grad()
 def lerp_towards(average, model, weight, keep=1.0, tensors=None):
     """average <- average + weight * (model - average) for the parameters; buffers copied
     where keep > 0. `weight` and `keep` may be 0-dim device tensors (no host sync either way).
     `tensors`: paired_tensors(average, model), if already listed."""
     ema_params, params, ema_buffers, buffers = tensors or paired_tensors(average, model)
-    if isinstance(weight, torch.Tensor):
-        # A device scalar: the list overload reads it on the device. Passed as the scalar weight
-        # it would be converted with .item(), a host sync at every training step.
-        weights = [weight.to(p.dtype) for p in ema_params[:1]] * len(ema_params)
-        torch._foreach_lerp_(ema_params, params, weights)
-    else:
+    if not isinstance(weight, torch.Tensor):
         torch._foreach_lerp_(ema_params, params, weight)
+    elif weight.device.type == "cpu":  # the list overload: no .item(), and no slower on the CPU
+        torch._foreach_lerp_(ema_params, params, [weight] * len(ema_params))
+    else:
+        lerp_by_device_scalar(ema_params, params, weight)
     for ema_buffer, buffer in zip(ema_buffers, buffers, strict=True):
         if isinstance(keep, torch.Tensor):
             ema_buffer.copy_(torch.where(keep > 0, buffer, ema_buffer))

@@ -43,6 +43,7 @@ import math
 import torch
 from torch.nn.parallel import DistributedDataParallel
 
+import utils
 from processes import bcast
 
 # ---------------------------------------------------------------------------------------------
@@ -305,6 +306,7 @@ class Consistency:
     ):
         self.s_min, self.s_max, self.sigma_data = s_min, s_max, sigma_data
         self.p_mean, self.p_std, self.s0, self.s1 = p_mean, p_std, s0, s1
+        self.on_device = {}  # (discretisation steps, device) -> (levels, cdf), copied once
 
     def processes_allowed(self, process, base="gaussian"):
         """Deterministic processes with a Gaussian base whose noise level sigma / alpha spans
@@ -337,9 +339,12 @@ class Consistency:
 
     def pick_intervals(self, uniforms, step, total_steps):
         """(s_n, s_{n+1}) (float64, (B,)) for the uniforms of the batch at training step `step`."""
-        levels = self.levels(step, total_steps)
-        cdf = torch.cumsum(lognormal_interval_probs(levels, self.p_mean, self.p_std), 0)
-        levels, cdf = levels.to(uniforms.device), cdf.to(uniforms.device)  # no host sync
+        key = (discretisation_steps(step, total_steps, self.s0, self.s1), uniforms.device)
+        if key not in self.on_device:  # the count changes a few times per run (s0 to s1)
+            levels = self.levels(step, total_steps)
+            cdf = torch.cumsum(lognormal_interval_probs(levels, self.p_mean, self.p_std), 0)
+            self.on_device[key] = tuple(utils.to_device(v, uniforms.device) for v in (levels, cdf))
+        levels, cdf = self.on_device[key]
         index = torch.searchsorted(cdf, uniforms.double(), right=True)
         index = index.clamp(max=len(levels) - 2)
         return levels[index], levels[index + 1]

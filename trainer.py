@@ -156,7 +156,7 @@ class DiffusionTrainer:
             cpu_generator = torch.Generator().manual_seed(
                 utils.mix_seed(self.config.seed, self.step, 1)
             )
-            x1 = self.base_sampler(n, cpu_generator).to(self.device)
+            x1 = utils.to_device(self.base_sampler(n, cpu_generator), self.device)
         drop = torch.rand(n, generator=generator, device=self.device) < self.class_dropout
         z = None
         if self.process.stochastic:

@@ -234,12 +234,25 @@ def any_rank(flags, device):
     return values
 
 
+def to_device(tensor, device):
+    """`tensor` (on the CPU) on `device` without making the host wait: on CUDA through pinned
+    memory and a non-blocking copy (a plain copy from pageable memory waits for the stream);
+    elsewhere a plain `.to`."""
+    device = torch.device(device)
+    if device.type != "cuda" or tensor.device == device:
+        return tensor.to(device)
+    return tensor.pin_memory().to(device, non_blocking=True)
+
+
 class HostSyncCounter(TorchDispatchMode):
     """Records the operators that make the host wait for an accelerator, on any device, so a
     CPU test can prove that the training step has none: `.item()`, `bool(tensor)`, a 0-dim
-    tensor passed where a number is expected (all `_local_scalar_dense`), and the ops whose
-    output size depends on the data (nonzero, boolean-mask indexing, masked_select, unique,
-    repeat_interleave without output_size). Copies to the host are not seen on the CPU.
+    tensor passed where a number is expected (all `_local_scalar_dense`, also counted for CPU
+    tensors on a GPU machine), `allclose`, `equal`, and the ops whose output size depends on the
+    data (nonzero, boolean-mask indexing and assignment of a tensor, masked_select, unique,
+    bincount, histc, repeat_interleave without output_size). Copies between the host and the
+    device are not seen on the CPU: on CUDA, torch.cuda.set_sync_debug_mode("error") catches
+    them (benchmarks/sync_check.py).
 
         with HostSyncCounter(where=lambda: trainer.step) as syncs:
             trainer.train_step()
@@ -247,8 +260,8 @@ class HostSyncCounter(TorchDispatchMode):
 
     `hits` lists (operator name, where(), innermost frames of this repository)."""
 
-    OPS = {"_local_scalar_dense", "is_nonzero", "nonzero", "masked_select", "unique"}
-    OPS |= {"_unique2", "unique_dim", "unique_consecutive", "equal"}
+    OPS = {"_local_scalar_dense", "nonzero", "masked_select", "unique", "_unique2", "unique_dim"}
+    OPS |= {"unique_consecutive", "equal", "allclose", "bincount", "histc"}
 
     def __init__(self, where=lambda: None):
         super().__init__()
@@ -256,8 +269,7 @@ class HostSyncCounter(TorchDispatchMode):
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         name = func.overloadpacket.__name__
-        sized = name == "repeat_interleave" and (kwargs or {}).get("output_size") is None
-        if name in self.OPS or sized or (name.startswith("index") and _has_bool_index(args)):
+        if name in self.OPS or _data_sized(name, args, kwargs or {}):
             root = os.path.dirname(os.path.abspath(__file__))
             frames = [f for f in traceback.extract_stack()[:-1] if f.filename.startswith(root)]
             trail = " <- ".join(f"{os.path.basename(f.filename)}:{f.lineno}" for f in frames[-3:])
@@ -265,9 +277,19 @@ class HostSyncCounter(TorchDispatchMode):
         return func(*args, **(kwargs or {}))
 
 
-def _has_bool_index(args):
+def _data_sized(name, args, kwargs):
+    """Whether the op's output (or work) size depends on tensor values: repeat_interleave without
+    output_size; indexing with a boolean mask; assigning a tensor of values through one (a 0-dim
+    value becomes masked_fill on CUDA, which does not sync)."""
+    if name == "repeat_interleave":
+        return kwargs.get("output_size") is None
+    if name not in ("index", "index_put", "index_put_"):
+        return False
     indices = args[1] if len(args) > 1 and isinstance(args[1], (list, tuple)) else ()
-    return any(torch.is_tensor(i) and i.dtype in (torch.bool, torch.uint8) for i in indices)
+    masked = any(torch.is_tensor(i) and i.dtype in (torch.bool, torch.uint8) for i in indices)
+    if name == "index":
+        return masked
+    return masked and torch.is_tensor(args[2]) and args[2].dim() > 0
 
 
 # ---------------------------------------------------------------------------------------------

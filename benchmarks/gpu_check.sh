@@ -4,7 +4,7 @@
 #   sh benchmarks/gpu_check.sh                 # on a CUDA machine
 #   ALLOW_CPU=1 sh benchmarks/gpu_check.sh     # the same items on the CPU (checks the script)
 #
-# Items: a bf16 + torch.compile training run; no host sync in the training step of six presets
+# Items: a bf16 + torch.compile training run; no host sync in the training step of eight checks
 # (fp32 and bf16, CUDA's sync debug mode set to "error"); a NCCL all-reduce through torchrun; a
 # run through run.sh (every visible GPU, NCCL when there are several); sampling from its
 # checkpoint; an exact resume (3 + 3 steps against 6 in one go, every tensor of the two

@@ -12,12 +12,13 @@ from helpers import ROOT, tiny_config
 
 import main
 import utils
-from ema import lerp_towards
+from ema import lerp_by_device_scalar, lerp_towards
 
 CASES = {
     "digits (flow, U-Net)": ("digits", {}),
-    "checkerboard (MLP, toy base)": ("checkerboard", {}),
-    "gaussians8_to_moons (data-to-data)": ("gaussians8_to_moons", {}),
+    "checkerboard (MLP, 2-D data)": ("checkerboard", {}),
+    "gaussians8_to_moons (toy base drawn on the CPU)": ("gaussians8_to_moons", {}),
+    "digits with horizontal flips": ("digits", {"data.flip": True}),
     "dit": ("digits_dit", {}),
     "edm preconditioning": ("edm_digits", {}),
     "stochastic interpolant (learns z)": (
@@ -130,6 +131,15 @@ def test_ema_with_a_device_weight_matches_the_float_weight_without_a_sync():
     assert syncs.hits == []
     for a, b in zip(by_float.state_dict().values(), by_tensor.state_dict().values(), strict=True):
         torch.testing.assert_close(a, b, rtol=0, atol=0)
+    # The CUDA path (three fused kernels instead of lerp), run here on CPU tensors.
+    averages = [torch.zeros(3, 4), torch.ones(5)]
+    targets = [torch.randn(3, 4), torch.randn(5)]
+    expected = [a.lerp(t, 0.3) for a, t in zip(averages, targets, strict=True)]
+    with utils.HostSyncCounter() as syncs:
+        lerp_by_device_scalar(averages, targets, torch.tensor(0.3))
+    assert syncs.hits == []
+    for got, want in zip(averages, expected, strict=True):
+        torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
     before = {k: v.clone() for k, v in by_tensor.state_dict().items()}
     lerp_towards(by_tensor, model, 0.3 * torch.zeros(()), torch.zeros(()))  # a skipped step
     for key, value in by_tensor.state_dict().items():
@@ -140,10 +150,11 @@ def test_sync_check_script_passes_on_this_device():
     """benchmarks/sync_check.py (run by gpu_check.sh on CUDA) passes here, one line per preset."""
     script = os.path.join(ROOT, "benchmarks", "sync_check.py")
     result = subprocess.run(
-        [sys.executable, script, "--presets", "checkerboard", "--steps", "2"],
+        [sys.executable, script, "--checks", "checkerboard", "digits, flips", "--steps", "2"],
         capture_output=True,
         text=True,
         timeout=120,
     )
     assert result.returncode == 0, result.stdout + result.stderr
     assert "PASS  no host sync: checkerboard fp32" in result.stdout
+    assert "PASS  no host sync: digits, flips fp32" in result.stdout
