@@ -239,7 +239,7 @@ def to_device(tensor, device):
     memory and a non-blocking copy (a plain copy from pageable memory waits for the stream);
     elsewhere a plain `.to`."""
     device = torch.device(device)
-    if device.type != "cuda" or tensor.device == device:
+    if device.type != "cuda" or tensor.device.type != "cpu":
         return tensor.to(device)
     return tensor.pin_memory().to(device, non_blocking=True)
 
