@@ -262,6 +262,40 @@ def gpu_table(preset, batch, steps, overrides, device="cuda", variants=None):
     return rows
 
 
+# The networks of the GPU table: (preset, overrides) -> the cifar10 U-Net and DiT-S/2.
+GPU_NETWORKS = [("cifar10", {})]
+if "dit" in main.NETWORKS:
+    GPU_NETWORKS.append(
+        (
+            "cifar10",
+            {
+                "model.name": "dit",
+                "model.patch_size": 2,
+                "model.width": 384,
+                "model.depth": 12,
+                "model.num_heads": 6,
+            },
+        )
+    )
+
+
+def gpu_report(networks, batch, steps, rounds, device="cuda", variants=None, data_per_batch=10000):
+    """Print the variant table of every (preset, overrides) in `networks`, then the overhead rows
+    of the first one on random images in CIFAR-10's format (the GPU machine has no dataset;
+    `data_per_batch` 10000 is the real size, so epochs end as rarely as on the real data)."""
+    header = "| network, variant | batch | ms / step | images / s | peak GiB | vs fp32 eager |"
+    print(header + "\n| --- | --- | --- | --- | --- | --- |")
+    for preset, overrides in networks:
+        for row in gpu_table(preset, batch, steps, overrides, device, variants):
+            print(row, flush=True)
+    print("\n" + OVERHEAD_HEADER)
+    preset, overrides = networks[0]
+    with tempfile.TemporaryDirectory() as data_root:
+        write_synthetic_cifar10(data_root, per_batch=data_per_batch)
+        overrides = {**overrides, "data.root": data_root, "train.batch_size": batch}
+        print(overhead(preset, rounds, steps, torch.device(device).type, **overrides), flush=True)
+
+
 def write_synthetic_cifar10(root, per_batch=512, seed=0):
     """Random images in CIFAR-10's python-batch format under root/cifar-10-batches-py/ (the five
     training batches and the test batch), so that the `cifar10` preset's trainer runs on a
@@ -383,23 +417,7 @@ def main_(args):
             sys.exit("error: --gpu needs CUDA")
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
         print(f"device: {torch.cuda.get_device_name()}, torch {torch.__version__}\n")
-        header = "| network, variant | batch | ms / step | images / s | peak GiB | vs fp32 eager |"
-        print(header + "\n| --- | --- | --- | --- | --- | --- |")
-        specs = [("cifar10", {})]
-        if "dit" in main.NETWORKS:
-            dit = {"model.name": "dit", "model.patch_size": 2, "model.width": 384}
-            specs.append(("cifar10", {**dit, "model.depth": 12, "model.num_heads": 6}))
-        for preset, overrides in specs:
-            for row in gpu_table(preset, args.batch or 128, args.steps_per_round, overrides):
-                print(row, flush=True)
-        print("\n" + OVERHEAD_HEADER)
-        with tempfile.TemporaryDirectory() as data_root:  # no dataset needed on the GPU machine
-            write_synthetic_cifar10(data_root, per_batch=10000)  # real size: rare epoch ends
-            row = overhead(
-                "cifar10", args.rounds, args.steps_per_round, "cuda", **{"data.root": data_root}
-            )
-        print(row, flush=True)
-        return None
+        return gpu_report(GPU_NETWORKS, args.batch or 128, args.steps_per_round, args.rounds)
     print(f"CPU, {torch.get_num_threads()} threads, torch {torch.__version__}\n")
     print(OVERHEAD_HEADER)
     for preset in args.presets:

@@ -44,3 +44,28 @@ def test_synthetic_cifar10_is_read_by_the_loader_and_drives_the_overhead_rows(tm
     for row in rows:
         bare_ms, loop_ms = float(cells(row)[3]), float(cells(row)[4])
         assert bare_ms > 0 and loop_ms > 0 and cells(row)[2] == "4"
+
+
+def test_gpu_report_prints_both_networks_and_the_overhead_rows(capsys):
+    """The whole `--gpu` report, small and on the CPU: a U-Net and a DiT variant table, then the
+    trainer's overhead rows on synthetic CIFAR-10 at the report's batch."""
+    tiny_dit = {"model.name": "dit", "model.patch_size": 4, "model.width": 32}
+    tiny_dit.update({"model.depth": 1, "model.num_heads": 2})
+    networks = [("cifar10", {**TINY, "data.num_workers": 0}), ("cifar10", tiny_dit)]
+    variants = ["fp32 eager", "bf16 autocast"]
+    throughput.gpu_report(networks, 2, 1, 1, "cpu", variants, data_per_batch=4)
+    table = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| cifar10")]
+    assert [cells(row)[0] for row in table[:4]] == [
+        "cifar10 unet, fp32 eager",
+        "cifar10 unet, bf16 autocast",
+        "cifar10 dit, fp32 eager",
+        "cifar10 dit, bf16 autocast",
+    ]
+    assert all(cells(row)[1] == "2" for row in table[:4])  # batch
+    overhead_rows = table[4:]
+    assert [cells(row)[1] for row in overhead_rows] == [
+        "trainer",
+        "trainer, EMA and gradient norm as no-ops",
+    ]
+    assert all(cells(row)[0].startswith("cifar10 (unet,") for row in overhead_rows)
+    assert all(cells(row)[2] == "2" for row in overhead_rows)  # the report's batch
