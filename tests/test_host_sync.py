@@ -150,11 +150,10 @@ def test_sync_check_script_passes_on_this_device():
     """benchmarks/sync_check.py (run by gpu_check.sh on CUDA) passes here, one line per preset."""
     script = os.path.join(ROOT, "benchmarks", "sync_check.py")
     result = subprocess.run(
-        [sys.executable, script, "--checks", "checkerboard", "digits, flips", "--steps", "2"],
+        [sys.executable, script, "--checks", "digits, flips", "--steps", "1"],
         capture_output=True,
         text=True,
         timeout=120,
     )
     assert result.returncode == 0, result.stdout + result.stderr
-    assert "PASS  no host sync: checkerboard fp32" in result.stdout
-    assert "PASS  no host sync: digits, flips fp32" in result.stdout
+    assert result.stdout.strip().endswith("PASS  no host sync: digits, flips fp32")
