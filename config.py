@@ -452,6 +452,21 @@ def unknown_key_error(c, key):
     return None
 
 
+def set_values(c, values):
+    """Set every {dotted key: value} of `values` on config `c` in place (benchmarks, tests) and
+    return `c`; an unknown key raises ValueError with unknown_key_error's line."""
+    for key, value in values.items():
+        message = unknown_key_error(c, key)
+        if message:
+            raise ValueError(message)
+        *sections, field = key.split(".")
+        node = c
+        for section in sections:
+            node = node[section]
+        node[field] = value
+    return c
+
+
 MAX_SEED = 2**63  # seeds are offset by ranks and indices and must stay below 2**64
 
 

@@ -215,7 +215,7 @@ def check_objective(config, process, world_size=1):
             f"train.objective={c.objective} needs model.time_inputs="
             f"{objective.needs_time_inputs} (it is {config.model.time_inputs})"
         )
-    micro_batch = c.batch_size // (world_size * c.grad_accum)
+    micro_batch = utils.micro_batch_size(c.batch_size, world_size, c.grad_accum)
     for message in (
         objective.processes_allowed(process, config.process.base),
         objective.batch_allowed(micro_batch),

@@ -306,7 +306,7 @@ class Consistency:
     ):
         self.s_min, self.s_max, self.sigma_data = s_min, s_max, sigma_data
         self.p_mean, self.p_std, self.s0, self.s1 = p_mean, p_std, s0, s1
-        self.on_device = {}  # (discretisation steps, device) -> (levels, cdf), copied once
+        self.on_device = {}  # (level count, device) -> (levels, cdf), copied once
 
     def processes_allowed(self, process, base="gaussian"):
         """Deterministic processes with a Gaussian base whose noise level sigma / alpha spans
@@ -333,15 +333,12 @@ class Consistency:
         """Uniforms in [0, 1) that pick each sample's interval (by the inverse CDF at the step)."""
         return torch.rand(n, generator=generator, device=device).to(t.dtype)
 
-    def levels(self, step, total_steps):
-        count = discretisation_steps(step, total_steps, self.s0, self.s1) + 1
-        return karras_levels(count, self.s_min, self.s_max)
-
     def pick_intervals(self, uniforms, step, total_steps):
         """(s_n, s_{n+1}) (float64, (B,)) for the uniforms of the batch at training step `step`."""
-        key = (discretisation_steps(step, total_steps, self.s0, self.s1), uniforms.device)
+        count = discretisation_steps(step, total_steps, self.s0, self.s1) + 1
+        key = (count, uniforms.device)
         if key not in self.on_device:  # the count changes a few times per run (s0 to s1)
-            levels = self.levels(step, total_steps)
+            levels = karras_levels(count, self.s_min, self.s_max)
             cdf = torch.cumsum(lognormal_interval_probs(levels, self.p_mean, self.p_std), 0)
             self.on_device[key] = tuple(utils.to_device(v, uniforms.device) for v in (levels, cdf))
         levels, cdf = self.on_device[key]

@@ -73,7 +73,7 @@ class DiffusionTrainer:
         self.device = dist_info.device
         c = config.train
         self.steps, self.grad_accum = c.steps, c.grad_accum
-        self.micro_batch = c.batch_size // (dist_info.world_size * c.grad_accum)
+        self.micro_batch = utils.micro_batch_size(c.batch_size, dist_info.world_size, c.grad_accum)
         self.model_output, self.target = config.prediction.model_output, config.prediction.target
         self.num_classes = dataset.num_classes if config.model.class_conditional else 0
         self.learn_z = process.stochastic  # the net also outputs the z-denoiser eta_z

@@ -234,6 +234,12 @@ def any_rank(flags, device):
     return values
 
 
+def micro_batch_size(batch_size, world_size, grad_accum):
+    """The rows one rank sees per forward pass: the global batch split over ranks and
+    gradient-accumulation micro-steps (config.py checks that it divides evenly)."""
+    return batch_size // (world_size * grad_accum)
+
+
 def to_device(tensor, device):
     """`tensor` (on the CPU) on `device` without making the host wait: on CUDA through pinned
     memory and a non-blocking copy (a plain copy from pageable memory waits for the stream);

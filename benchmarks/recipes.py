@@ -48,9 +48,7 @@ def train(name, preset, overrides, steps, workdir):
     end; returns (trainer, wall-clock seconds)."""
     c = config_lib.get_config(preset)
     c.name, c.workdir, c.logging.wandb = f"bench_{name}", workdir, "disabled"
-    for key, value in overrides.items():
-        section, field = key.split(".")
-        c[section][field] = value
+    config_lib.set_values(c, overrides)
     c.train.steps = steps or c.train.steps
     c.train.sample_every = c.train.steps
     tic = time.time()

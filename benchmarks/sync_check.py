@@ -21,7 +21,8 @@ import torch
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-import config as config_lib  # noqa: E402
+from throughput import bench_config  # noqa: E402  (benchmarks/ is this script's folder)
+
 import main  # noqa: E402
 import utils  # noqa: E402
 
@@ -42,13 +43,8 @@ def check(name, precision, steps):
     """None when `steps` training steps of CHECKS[name] made no host sync, else what synced."""
     preset, overrides = CHECKS[name]
     with tempfile.TemporaryDirectory() as workdir:
-        config = config_lib.get_config(preset)
-        config.workdir, config.logging.wandb = workdir, "disabled"
-        config.train.precision = precision
-        config.data.num_points = min(config.data.num_points, 4096)
-        for key, value in overrides.items():
-            section, field = key.split(".")
-            config[section][field] = value
+        overrides = {"train.precision": precision, "data.num_points": 4096, **overrides}
+        config = bench_config(preset, workdir, **overrides)
         trainer = main.build_trainer(config, utils.setup_distributed())
         for _ in range(2):
             trainer.train_step()

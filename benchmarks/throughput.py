@@ -58,10 +58,7 @@ def bench_config(preset, workdir, **overrides):
     c.train.steps = 10**9
     c.train.sample_every = c.train.eval_every = 0
     c.train.save_every = 10**9
-    for key, value in overrides.items():
-        section, _, field = key.rpartition(".")
-        (c[section] if section else c)[field] = value
-    return c
+    return config_lib.set_values(c, overrides)
 
 
 def sync(device):

@@ -42,11 +42,7 @@ def tiny_config(preset, workdir, **overrides):
         }
     )
     values.update({k.replace("__", "."): v for k, v in overrides.items()})
-    for key, value in values.items():
-        section, _, field = key.rpartition(".")
-        node = c[section] if section else c
-        node[field] = value
-    return c
+    return config_lib.set_values(c, values)
 
 
 def run_main(*args, env=None, timeout=240):

@@ -373,3 +373,11 @@ def test_corrupt_image_through_main_names_the_file(tmp_path):
     assert output[0].startswith(f"error: imagefolder: cannot read image {broken} (")
     written = [f for _, _, files in os.walk(workdir) for f in files]
     assert set(written) <= {".lock"}, written  # no checkpoint, config or metrics
+
+
+def test_set_values_sets_dotted_keys_and_rejects_unknown_ones():
+    c = config_lib.get_config("digits")
+    config_lib.set_values(c, {"train.lr": 0.5, "model.channel_mults": (1,), "seed": 3})
+    assert (c.train.lr, c.model.channel_mults, c.seed) == (0.5, (1,), 3)
+    with pytest.raises(ValueError, match="config key 'train.lrr' does not exist; valid keys"):
+        config_lib.set_values(c, {"train.lrr": 1.0})
