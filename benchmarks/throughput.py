@@ -8,10 +8,11 @@ Overhead (CPU and GPU): `trainer` is `DiffusionTrainer.train` over a block of st
 loading, per-step noise, time sampling, prediction conversion, clipping, LR schedule, EMA,
 non-finite checks, progress bar and periodic logging; no sampling or saving); `bare` is
 forward + MSE + backward + AdamW step + zero_grad of an identical network on one fixed batch,
-nothing else. Blocks alternate (bare, trainer, trainer with its EMA update and gradient norm
-as no-ops, then again) so that all see the same machine load; the median block time per step
-is reported, and the overhead loop / bare - 1 as the median (and quartiles) over rounds of each
-loop block against the bare block of its round.
+nothing else. Three more loops are the trainer with its EMA update, its gradient norm (hence
+clipping), or both, replaced by no-ops: what each costs. Every round times one block of each
+loop, in forward order on even rounds and in reverse on odd ones (so that drift within a round
+and the order cancel); the overhead is loop / bare - 1 of each block against the bare block of
+its round, reported as the median over rounds with a 95 % bootstrap interval of that median.
 
 GPU (`--gpu`): for the cifar10 U-Net (and the DiT, where `model.name=dit` exists) at batch 128,
 bare steps in fp32 eager, bf16 autocast, torch.compile, channels-last and fused AdamW, with
@@ -120,12 +121,19 @@ def peak_rss_mib():
 # ---------------------------------------------------------------------------------------------
 # Trainer overhead.
 # ---------------------------------------------------------------------------------------------
+LOOPS = {  # name: (EMA update as a no-op, gradient norm as a no-op)
+    "trainer": (False, False),
+    "trainer, EMA as a no-op": (True, False),
+    "trainer, gradient norm as a no-op": (False, True),
+    "trainer, EMA and gradient norm as no-ops": (True, True),
+}
+
+
 def overhead(preset, rounds, steps_per_round, device_note, **overrides):
-    """Table rows: the trainer against a bare step, and the trainer with its EMA update and
-    gradient norm (clipping) replaced by no-ops, to show what those two cost. Each round times
-    one block of each (bare, trainer, trainer without EMA / norm); each trainer block is compared
-    with the bare block of its round, so machine drift cancels: median and quartiles of those
-    paired ratios over the rounds."""
+    """Table rows: each loop of LOOPS against a bare step. Each round times one block of every
+    loop, the order reversed on odd rounds; each loop block is compared with the bare block of
+    its round, so machine drift cancels: the median of those paired ratios over the rounds, with
+    a 95 % bootstrap interval of the median."""
     with tempfile.TemporaryDirectory() as workdir:
         config = bench_config(preset, workdir, **overrides)
         dist_info = utils.setup_distributed()
@@ -136,33 +144,32 @@ def overhead(preset, rounds, steps_per_round, device_note, **overrides):
         x0, y = fixed_batch(trainer)
         bare = BareStep(bare_net, x0, y, config.train.lr)
 
-        def trainer_block():
-            trainer.train(logger_factory(trainer), until=trainer.step + steps_per_round)
+        def loop_block(no_ema, no_norm):
+            def block():
+                with without(trainer, ema=no_ema, norm=no_norm):
+                    trainer.train(logger_factory(trainer), until=trainer.step + steps_per_round)
 
-        def trainer_block_without_ema_and_norm():
-            with without_ema_and_norm(trainer):
-                trainer_block()
+            return block
 
-        blocks = {
-            "bare": (bare, steps_per_round),
-            "trainer": (trainer_block, 1),
-            "trainer, EMA and gradient norm as no-ops": (trainer_block_without_ema_and_norm, 1),
-        }
+        blocks = {"bare": (bare, steps_per_round)}
+        blocks.update({name: (loop_block(*flags), 1) for name, flags in LOOPS.items()})
         times = {name: [] for name in blocks}
         for _ in range(2):  # warm up
             for fn, repeats in blocks.values():
                 time_block(fn, repeats, dist_info.device)
-        for _ in range(rounds):
-            for name, (fn, repeats) in blocks.items():
+        for round_ in range(rounds):
+            order = list(blocks) if round_ % 2 == 0 else list(blocks)[::-1]
+            for name in order:
+                fn, repeats = blocks[name]
                 times[name].append(time_block(fn, repeats, dist_info.device) * repeats)
         bare_s = statistics.median(times["bare"]) / steps_per_round
         n_params = sum(p.numel() for p in trainer.net.parameters())
         batch = config.train.batch_size
         rows = []
-        for name in list(blocks)[1:]:
+        for name in LOOPS:
             step_s = statistics.median(times[name]) / steps_per_round
             ratios = [t / b - 1 for t, b in zip(times[name], times["bare"], strict=True)]
-            low, mid, high = quartiles(ratios)
+            mid, (low, high) = statistics.median(ratios), median_interval(ratios)
             rows.append(
                 f"| {preset} ({config.model.name}, {n_params / 1e6:.2f}M) | {name} | {batch} | "
                 f"{bare_s * 1e3:.2f} | {step_s * 1e3:.2f} | {100 * mid:+.1f} % "
@@ -171,30 +178,42 @@ def overhead(preset, rounds, steps_per_round, device_note, **overrides):
         return "\n".join(rows)
 
 
-def quartiles(values):
-    """(first quartile, median, third quartile), within the data (inclusive method)."""
+def median_interval(values, level=0.95, resamples=2000, seed=0):
+    """(low, high): the percentile bootstrap interval at `level` of the median of `values`
+    (resampled with replacement `resamples` times, seeded)."""
+    values = np.asarray(values, dtype=np.float64)
     if len(values) < 2:
-        return values * 3
-    return statistics.quantiles(values, n=4, method="inclusive")
+        return float(values[0]), float(values[0])
+    rng = np.random.default_rng(seed)
+    draws = rng.choice(values, size=(resamples, len(values)), replace=True)
+    medians = np.median(draws, axis=1)
+    tail = 100 * (1 - level) / 2
+    low, high = np.percentile(medians, [tail, 100 - tail])
+    return float(low), float(high)
 
 
 @contextlib.contextmanager
-def without_ema_and_norm(trainer):
-    """The trainer with no EMA update and no gradient norm (so no clipping): an attribution
-    device for this benchmark only."""
+def without(trainer, ema=False, norm=False):
+    """The trainer with no EMA update (`ema`) and / or no gradient norm, hence no clipping
+    (`norm`): an attribution device for this benchmark only."""
     import trainer as trainer_module
 
-    update, clip = trainer.ema.update, trainer_module.clip_gradients
+    clip = trainer_module.clip_gradients
     grad_scale = getattr(trainer.optimizer, "grad_scale", None)
     zero = torch.zeros((), device=trainer.device)
-    trainer.ema.update = lambda *args, **kwargs: None
-    trainer_module.clip_gradients = lambda *args, **kwargs: zero
-    trainer.optimizer.grad_scale = None  # no clipping folded into the fused step either
+    if ema:
+        trainer.ema.update = lambda *args, **kwargs: None
+    if norm:
+        trainer_module.clip_gradients = lambda *args, **kwargs: zero
+        trainer.optimizer.grad_scale = None  # no clipping folded into the fused step either
     try:
         yield
     finally:
-        trainer.ema.update, trainer_module.clip_gradients = update, clip
-        trainer.optimizer.grad_scale = grad_scale
+        if ema:
+            del trainer.ema.update  # the instance attribute: the method shows through again
+        if norm:
+            trainer_module.clip_gradients = clip
+            trainer.optimizer.grad_scale = grad_scale
 
 
 def logger_factory(trainer):
@@ -399,7 +418,7 @@ def ddp_worker(preset, batch, steps):
 
 # ---------------------------------------------------------------------------------------------
 OVERHEAD_HEADER = (
-    "| preset | loop | batch | bare ms / step | loop ms / step | overhead (quartiles) "
+    "| preset | loop | batch | bare ms / step | loop ms / step | overhead (95 % interval) "
     "| samples / s | device |\n"
     "| --- | --- | --- | --- | --- | --- | --- | --- |"
 )

@@ -2,9 +2,12 @@
 a lent GPU's time is not lost to a crash in them."""
 
 import os
+import re
 import sys
 
-from helpers import ROOT, TINY_UNET
+import numpy as np
+import torch
+from helpers import ROOT, TINY_UNET, tiny_config
 
 import data_utils
 
@@ -37,13 +40,14 @@ def test_synthetic_cifar10_is_read_by_the_loader_and_drives_the_overhead_rows(tm
     assert x.shape == (3, 32, 32) and -1 <= x.min() < x.max() <= 1 and 0 <= int(y) < 10
     overrides = {**TINY, "data.root": root, "data.num_workers": 0, "train.batch_size": 4}
     rows = throughput.overhead("cifar10", 2, 1, "cpu", **overrides).splitlines()
-    assert [cells(row)[1] for row in rows] == [
-        "trainer",
-        "trainer, EMA and gradient norm as no-ops",
-    ]
+    assert [cells(row)[1] for row in rows] == list(throughput.LOOPS)
     for row in rows:
         bare_ms, loop_ms = float(cells(row)[3]), float(cells(row)[4])
         assert bare_ms > 0 and loop_ms > 0 and cells(row)[2] == "4"
+        median, low, high = re.fullmatch(
+            r"([+-][\d.]+) % \(([+-][\d.]+) to ([+-][\d.]+)\)", cells(row)[5]
+        ).groups()
+        assert float(low) <= float(median) <= float(high)
 
 
 def test_gpu_report_prints_both_networks_and_the_overhead_rows(capsys):
@@ -63,9 +67,43 @@ def test_gpu_report_prints_both_networks_and_the_overhead_rows(capsys):
     ]
     assert all(cells(row)[1] == "2" for row in table[:4])  # batch
     overhead_rows = table[4:]
-    assert [cells(row)[1] for row in overhead_rows] == [
-        "trainer",
-        "trainer, EMA and gradient norm as no-ops",
-    ]
+    assert [cells(row)[1] for row in overhead_rows] == list(throughput.LOOPS)
     assert all(cells(row)[0].startswith("cifar10 (unet,") for row in overhead_rows)
     assert all(cells(row)[2] == "2" for row in overhead_rows)  # the report's batch
+
+
+def test_median_interval_is_the_bootstrap_percentile_interval_of_the_median():
+    values = [0.05, -0.02, 0.11, 0.03, 0.07, 0.01, 0.04, 0.09, -0.01, 0.06]
+    low, high = throughput.median_interval(values, level=0.9, resamples=500, seed=3)
+    draws = np.random.default_rng(3).choice(values, size=(500, len(values)), replace=True)
+    expected = np.percentile(np.median(draws, axis=1), [5, 95])
+    assert (low, high) == (float(expected[0]), float(expected[1]))
+    assert min(values) <= low <= np.median(values) <= high <= max(values)
+    assert throughput.median_interval([0.2]) == (0.2, 0.2)
+
+
+def test_without_replaces_only_the_named_parts_and_restores_them(tmp_path):
+    """The attribution loops: EMA and / or gradient norm as no-ops, then the trainer as before."""
+    import main
+    import trainer as trainer_module
+    import utils
+
+    config = tiny_config("checkerboard", tmp_path, train__ema_decay=0.5)
+    trainer = main.build_trainer(config, utils.setup_distributed())
+    clip, update = trainer_module.clip_gradients, trainer.ema.update
+    ema_before = [p.clone() for p in trainer.ema.model.parameters()]
+
+    def ema_unchanged():
+        pairs = zip(ema_before, trainer.ema.model.parameters(), strict=True)
+        return all(torch.equal(before, now) for before, now in pairs)
+
+    with throughput.without(trainer, ema=True):
+        loss, grad_norm, _, _ = trainer.train_step()
+        assert float(grad_norm) > 0  # the norm still runs
+        assert ema_unchanged()
+    with throughput.without(trainer, norm=True):
+        _, grad_norm, _, _ = trainer.train_step()
+        assert float(grad_norm) == 0 and trainer.optimizer.grad_scale is None
+        assert not ema_unchanged()
+    assert trainer_module.clip_gradients is clip and trainer.ema.update == update
+    assert "update" not in vars(trainer.ema)
