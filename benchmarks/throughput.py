@@ -14,7 +14,7 @@ loop, in forward order on even rounds and in reverse on odd ones (so that drift 
 and the order cancel); the overhead is loop / bare - 1 of each block against the bare block of
 its round, reported as the median over rounds with a 95 % bootstrap interval of that median.
 
-GPU (`--gpu`): for the cifar10 U-Net (and the DiT, where `model.name=dit` exists) at batch 128,
+GPU (`--gpu`): for the cifar10 U-Net and a DiT-S/2 at batch 128,
 bare steps in fp32 eager, bf16 autocast, torch.compile, channels-last and fused AdamW, with
 images/s and peak memory per GPU and the ratio to fp32 eager; then the overhead rows of the
 cifar10 trainer, on random images written in CIFAR-10's format (the GPU machine needs no data).
@@ -44,6 +44,7 @@ sys.path.insert(0, ROOT)
 
 import config as config_lib  # noqa: E402
 import main  # noqa: E402
+import trainer as trainer_module  # noqa: E402
 import utils  # noqa: E402
 from optimizers import build_optimizer  # noqa: E402
 from trainer import data_info_of  # noqa: E402
@@ -196,8 +197,6 @@ def median_interval(values, level=0.95, resamples=2000, seed=0):
 def without(trainer, ema=False, norm=False):
     """The trainer with no EMA update (`ema`) and / or no gradient norm, hence no clipping
     (`norm`): an attribution device for this benchmark only."""
-    import trainer as trainer_module
-
     clip = trainer_module.clip_gradients
     grad_scale = getattr(trainer.optimizer, "grad_scale", None)
     zero = torch.zeros((), device=trainer.device)
@@ -248,6 +247,7 @@ def gpu_table(preset, batch, steps, overrides, device="cuda", variants=None):
     device = torch.device(device)
     config = bench_config(preset, "unused", **overrides)
     info = {"shape": [3, 32, 32], "num_classes": 0, "kind": "image"}
+    cuda = device.type == "cuda"
     rows, base = [], None
     for name, options in GPU_VARIANTS.items():
         if variants is not None and name not in variants:
@@ -259,40 +259,24 @@ def gpu_table(preset, batch, steps, overrides, device="cuda", variants=None):
         x0 = torch.randn(batch, *info["shape"], device=device).clamp(-1, 1)
         step = BareStep(net, x0, None, config.train.lr, **options)
         time_block(step, 3 if options.get("compile") else 1, device)  # compile / warm up
-        if device.type == "cuda":
+        if cuda:
             torch.cuda.reset_peak_memory_stats(device)
         seconds = statistics.median(time_block(step, steps, device) for _ in range(3))
-        if device.type == "cuda":
-            peak = torch.cuda.max_memory_allocated(device) / 2**30
-        else:
-            peak = peak_rss_mib() / 1024
+        peak = torch.cuda.max_memory_allocated(device) / 2**30 if cuda else peak_rss_mib() / 1024
         base = base or seconds
         rows.append(
             f"| {preset} {config.model.name}, {name} | {batch} | {seconds * 1e3:.1f} | "
-            f"{batch / seconds:.0f} | "
-            f"{peak:.2f} | {base / seconds:.2f}x |"
+            f"{batch / seconds:.0f} | {peak:.2f} | {base / seconds:.2f}x |"
         )
         del step, net
-        if device.type == "cuda":
+        if cuda:
             torch.cuda.empty_cache()
     return rows
 
 
 # The networks of the GPU table: (preset, overrides) -> the cifar10 U-Net and DiT-S/2.
-GPU_NETWORKS = [("cifar10", {})]
-if "dit" in main.NETWORKS:
-    GPU_NETWORKS.append(
-        (
-            "cifar10",
-            {
-                "model.name": "dit",
-                "model.patch_size": 2,
-                "model.width": 384,
-                "model.depth": 12,
-                "model.num_heads": 6,
-            },
-        )
-    )
+DIT_S2 = {"model.name": "dit", "model.patch_size": 2, "model.width": 384}
+GPU_NETWORKS = [("cifar10", {}), ("cifar10", {**DIT_S2, "model.depth": 12, "model.num_heads": 6})]
 
 
 def gpu_report(networks, batch, steps, rounds, device="cuda", variants=None, data_per_batch=10000):
