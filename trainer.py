@@ -228,7 +228,7 @@ class DiffusionTrainer:
                 loss = self.loss(x0, y, t, x1, z, drop, extra) / self.grad_accum
                 loss.backward()
             loss_sum += loss.detach()
-        grad_norm = clip_gradients(self.params, self.config.train.grad_clip, self.optimizer)
+        grad_norm = clip_gradients(self.params, self.config.train.grad_clip)
         local_bad = ~(torch.isfinite(loss_sum) & torch.isfinite(grad_norm))
         skipped, stop = utils.any_rank([local_bad, stop_requested], self.device)
         self.optimizer.found_inf = skipped  # fused AdamW: no update at all when 1

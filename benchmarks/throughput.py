@@ -2,17 +2,21 @@
 
     python benchmarks/throughput.py                     # CPU: digits U-Net and 2-D MLP, scaling
     python benchmarks/throughput.py --gpu               # CUDA: fp32 / bf16 / compile / ... table
-    python benchmarks/throughput.py --presets digits --rounds 5 --steps-per-round 10
+    python benchmarks/throughput.py --presets digits --rounds 10 --steps-per-round 5
 
 Overhead (CPU and GPU): `trainer` is `DiffusionTrainer.train` over a block of steps (data
 loading, per-step noise, time sampling, prediction conversion, clipping, LR schedule, EMA,
 non-finite checks, progress bar and periodic logging; no sampling or saving); `bare` is
 forward + MSE + backward + AdamW step + zero_grad of an identical network on one fixed batch,
-nothing else. Three more loops are the trainer with its EMA update, its gradient norm (hence
-clipping), or both, replaced by no-ops: what each costs. Every round times one block of each
+nothing else. More loops are the trainer with its EMA update, its gradient norm (hence
+clipping), or both, replaced by no-ops, and with torch's gradient norm in place of
+optimizers.global_norm: what each costs. Every round times one block of each
 loop, in forward order on even rounds and in reverse on odd ones (so that drift within a round
 and the order cancel); the overhead is loop / bare - 1 of each block against the bare block of
 its round, reported as the median over rounds with a 95 % bootstrap interval of that median.
+Short blocks (5 steps) pair each loop block with a bare block a fraction of a second away, which
+narrows the interval on a shared machine; each block is one `train()` call, whose own start and
+end (about 0.3 ms on the CPU) count as overhead.
 
 GPU (`--gpu`): for the cifar10 U-Net and a DiT-S/2 at batch 128,
 bare steps in fp32 eager, bf16 autocast, torch.compile, channels-last and fused AdamW, with
@@ -44,9 +48,9 @@ sys.path.insert(0, ROOT)
 
 import config as config_lib  # noqa: E402
 import main  # noqa: E402
+import optimizers  # noqa: E402
 import trainer as trainer_module  # noqa: E402
 import utils  # noqa: E402
-from optimizers import build_optimizer  # noqa: E402
 from trainer import data_info_of  # noqa: E402
 
 
@@ -86,7 +90,7 @@ class BareStep:
         self.target, self.t, self.y = x1 - x0, t, y
         self.bf16 = bf16
         if fused is None:
-            self.optimizer = build_optimizer(net, lr)
+            self.optimizer = optimizers.build_optimizer(net, lr)
         else:
             impl = {"fused": True} if fused else {"foreach": True}
             self.optimizer = torch.optim.AdamW(net.parameters(), lr=lr, **impl)
@@ -122,11 +126,12 @@ def peak_rss_mib():
 # ---------------------------------------------------------------------------------------------
 # Trainer overhead.
 # ---------------------------------------------------------------------------------------------
-LOOPS = {  # name: (EMA update as a no-op, gradient norm as a no-op)
-    "trainer": (False, False),
-    "trainer, EMA as a no-op": (True, False),
-    "trainer, gradient norm as a no-op": (False, True),
-    "trainer, EMA and gradient norm as no-ops": (True, True),
+LOOPS = {  # name: the keyword arguments of `variant`
+    "trainer": {},
+    "trainer, EMA as a no-op": {"no_ema": True},
+    "trainer, gradient norm as a no-op": {"no_norm": True},
+    "trainer, EMA and gradient norm as no-ops": {"no_ema": True, "no_norm": True},
+    "trainer, gradient norm by torch's get_total_norm": {"torch_norm": True},
 }
 
 
@@ -145,15 +150,15 @@ def overhead(preset, rounds, steps_per_round, device_note, **overrides):
         x0, y = fixed_batch(trainer)
         bare = BareStep(bare_net, x0, y, config.train.lr)
 
-        def loop_block(no_ema, no_norm):
+        def loop_block(options):
             def block():
-                with without(trainer, ema=no_ema, norm=no_norm):
+                with variant(trainer, **options):
                     trainer.train(logger_factory(trainer), until=trainer.step + steps_per_round)
 
             return block
 
         blocks = {"bare": (bare, steps_per_round)}
-        blocks.update({name: (loop_block(*flags), 1) for name, flags in LOOPS.items()})
+        blocks.update({name: (loop_block(options), 1) for name, options in LOOPS.items()})
         times = {name: [] for name in blocks}
         for _ in range(2):  # warm up
             for fn, repeats in blocks.values():
@@ -194,25 +199,24 @@ def median_interval(values, level=0.95, resamples=2000, seed=0):
 
 
 @contextlib.contextmanager
-def without(trainer, ema=False, norm=False):
-    """The trainer with no EMA update (`ema`) and / or no gradient norm, hence no clipping
-    (`norm`): an attribution device for this benchmark only."""
-    clip = trainer_module.clip_gradients
-    grad_scale = getattr(trainer.optimizer, "grad_scale", None)
+def variant(trainer, no_ema=False, no_norm=False, torch_norm=False):
+    """The trainer with no EMA update (`no_ema`), no gradient norm hence no clipping
+    (`no_norm`), or its gradient norm computed by torch's get_total_norm instead of
+    optimizers.global_norm (`torch_norm`): what each part costs, for this benchmark only."""
+    clip, norm = trainer_module.clip_gradients, optimizers.global_norm
     zero = torch.zeros((), device=trainer.device)
-    if ema:
+    if no_ema:
         trainer.ema.update = lambda *args, **kwargs: None
-    if norm:
+    if no_norm:
         trainer_module.clip_gradients = lambda *args, **kwargs: zero
-        trainer.optimizer.grad_scale = None  # no clipping folded into the fused step either
+    if torch_norm:
+        optimizers.global_norm = lambda grads: torch.nn.utils.get_total_norm(grads, foreach=True)
     try:
         yield
     finally:
-        if ema:
+        if no_ema:
             del trainer.ema.update  # the instance attribute: the method shows through again
-        if norm:
-            trainer_module.clip_gradients = clip
-            trainer.optimizer.grad_scale = grad_scale
+        trainer_module.clip_gradients, optimizers.global_norm = clip, norm
 
 
 def logger_factory(trainer):
@@ -438,8 +442,8 @@ def main_(args):
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--presets", nargs="+", default=["digits", "checkerboard"])
-    parser.add_argument("--rounds", type=int, default=7)
-    parser.add_argument("--steps-per-round", type=int, default=20)
+    parser.add_argument("--rounds", type=int, default=60)
+    parser.add_argument("--steps-per-round", type=int, default=5)
     parser.add_argument("--batch", type=int, default=0)
     parser.add_argument("--gpu", action="store_true")
     parser.add_argument("--no-scaling", action="store_true")

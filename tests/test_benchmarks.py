@@ -6,6 +6,7 @@ import re
 import sys
 
 import numpy as np
+import pytest
 import torch
 from helpers import ROOT, TINY_UNET, tiny_config
 
@@ -82,28 +83,37 @@ def test_median_interval_is_the_bootstrap_percentile_interval_of_the_median():
     assert throughput.median_interval([0.2]) == (0.2, 0.2)
 
 
-def test_without_replaces_only_the_named_parts_and_restores_them(tmp_path):
-    """The attribution loops: EMA and / or gradient norm as no-ops, then the trainer as before."""
+def test_variant_replaces_only_the_named_parts_and_restores_them(tmp_path):
+    """The attribution loops: EMA and / or gradient norm as no-ops, torch's norm in place of
+    optimizers.global_norm, then the trainer as before."""
     import main
+    import optimizers
     import trainer as trainer_module
     import utils
 
     config = tiny_config("checkerboard", tmp_path, train__ema_decay=0.5)
     trainer = main.build_trainer(config, utils.setup_distributed())
-    clip, update = trainer_module.clip_gradients, trainer.ema.update
+    clip, norm, update = trainer_module.clip_gradients, optimizers.global_norm, trainer.ema.update
     ema_before = [p.clone() for p in trainer.ema.model.parameters()]
 
     def ema_unchanged():
         pairs = zip(ema_before, trainer.ema.model.parameters(), strict=True)
         return all(torch.equal(before, now) for before, now in pairs)
 
-    with throughput.without(trainer, ema=True):
+    with throughput.variant(trainer, no_ema=True):
         loss, grad_norm, _, _ = trainer.train_step()
         assert float(grad_norm) > 0  # the norm still runs
         assert ema_unchanged()
-    with throughput.without(trainer, norm=True):
+    with throughput.variant(trainer, no_norm=True):
         _, grad_norm, _, _ = trainer.train_step()
-        assert float(grad_norm) == 0 and trainer.optimizer.grad_scale is None
+        assert float(grad_norm) == 0
         assert not ema_unchanged()
+    with throughput.variant(trainer, torch_norm=True):
+        assert optimizers.global_norm is not norm
+        grads = [torch.tensor([3.0, 4.0]), torch.tensor([[12.0]])]
+        assert float(optimizers.global_norm(grads)) == pytest.approx(13.0)
+        _, grad_norm, _, _ = trainer.train_step()
+        assert float(grad_norm) > 0
     assert trainer_module.clip_gradients is clip and trainer.ema.update == update
+    assert optimizers.global_norm is norm
     assert "update" not in vars(trainer.ema)

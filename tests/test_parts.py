@@ -13,7 +13,13 @@ from PIL import Image
 import logging_utils
 import utils
 from ema import EMA
-from optimizers import build_optimizer, build_scheduler, clip_gradients, param_groups
+from optimizers import (
+    build_optimizer,
+    build_scheduler,
+    clip_gradients,
+    global_norm,
+    param_groups,
+)
 
 
 def test_ema_matches_closed_form_with_warmup():
@@ -94,27 +100,46 @@ def test_clip_gradients_returns_norm_and_clips():
     assert model.weight.grad.norm().item() == pytest.approx(5.0)
 
 
-@pytest.mark.parametrize("max_norm", [0.5, 0.0])
-def test_clip_folded_into_fused_adamw_equals_clip_then_step(max_norm):
-    """The fused optimizer's grad_scale path gives the same weights as clipping in place and
-    stepping a plain (foreach) AdamW with the same groups, over steps with and without clipping
-    (the gradient norm crosses max_norm)."""
+def test_global_norm_matches_float64_and_flags_overflow_and_non_finite():
+    """The dot-product norm of the CPU equals a float64 computation over tensors of any layout,
+    is 0 for no tensors, and is inf / nan for overflowing or non-finite entries (so that the
+    trainer's guard skips such a step)."""
     torch.manual_seed(0)
-    folded = torch.nn.Sequential(torch.nn.Linear(5, 7), torch.nn.Tanh(), torch.nn.Linear(7, 3))
-    reference = copy.deepcopy(folded)
-    fused = build_optimizer(folded, 1e-2, weight_decay=0.1)
+    tensors = [torch.randn(512, 256), torch.randn(7), torch.randn(3, 4, 5).transpose(0, 2)]
+    expected = math.sqrt(sum((t.double() ** 2).sum().item() for t in tensors))
+    norm = global_norm(tensors)
+    assert norm.dtype == torch.float32 and norm.shape == ()
+    assert norm.item() == pytest.approx(expected, rel=1e-6)
+    assert norm.item() == pytest.approx(torch.nn.utils.get_total_norm(tensors).item(), rel=1e-5)
+    assert global_norm([]).item() == 0.0
+    assert global_norm([torch.tensor([1e20, 1.0])]).item() == math.inf  # square overflows
+    assert math.isnan(global_norm([torch.tensor([float("nan"), 1.0])]).item())
+    assert global_norm([torch.ones(2), torch.tensor([-math.inf])]).item() == math.inf
+
+
+@pytest.mark.parametrize("max_norm", [0.5, 0.0])
+def test_clip_gradients_then_fused_adamw_equals_torch_clip_then_foreach_adamw(max_norm):
+    """build_optimizer's fused AdamW after clip_gradients gives the same weights as torch's
+    clip_grad_norm_ and a plain (foreach) AdamW with the same groups, over steps with and
+    without clipping (the gradient norm crosses max_norm)."""
+    torch.manual_seed(0)
+    ours = torch.nn.Sequential(torch.nn.Linear(5, 7), torch.nn.Tanh(), torch.nn.Linear(7, 3))
+    reference = copy.deepcopy(ours)
+    fused = build_optimizer(ours, 1e-2, weight_decay=0.1)
     plain = torch.optim.AdamW(param_groups(reference, 0.1), lr=1e-2, foreach=True)
     norms = []
     for scale in (10.0, 0.1, 10.0, 1.0):
         x = torch.randn(16, 5) * scale
-        for net, optimizer, fold in ((folded, fused, fused), (reference, plain, None)):
-            (net(x) ** 2).mean().backward()
-            norm = clip_gradients(list(net.parameters()), max_norm, fold)
+        (ours(x) ** 2).mean().backward()
+        norms.append(clip_gradients(list(ours.parameters()), max_norm).item())
+        (reference(x) ** 2).mean().backward()
+        torch_norm = torch.nn.utils.clip_grad_norm_(reference.parameters(), max_norm or math.inf)
+        assert norms[-1] == pytest.approx(torch_norm.item(), rel=1e-6)
+        for optimizer in (fused, plain):
             optimizer.step()
             optimizer.zero_grad()
-        norms.append(norm.item())
     assert max(norms) > 0.5 > min(norms)  # both regimes were exercised
-    for a, b in zip(folded.parameters(), reference.parameters(), strict=True):
+    for a, b in zip(ours.parameters(), reference.parameters(), strict=True):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
 
 
