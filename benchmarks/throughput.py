@@ -2,25 +2,25 @@
 
     python benchmarks/throughput.py                     # CPU: digits U-Net and 2-D MLP, scaling
     python benchmarks/throughput.py --gpu               # CUDA: fp32 / bf16 / compile / ... table
-    python benchmarks/throughput.py --presets digits --rounds 10 --steps-per-round 5
+    python benchmarks/throughput.py --presets digits --rounds 5 --steps-per-round 10
 
 Overhead (CPU and GPU): `trainer` is `DiffusionTrainer.train` over a block of steps (data
 loading, per-step noise, time sampling, prediction conversion, clipping, LR schedule, EMA,
 non-finite checks, progress bar and periodic logging; no sampling or saving); `bare` is
 forward + MSE + backward + AdamW step + zero_grad of an identical network on one fixed batch,
-nothing else. More loops are the trainer with its EMA update, its gradient norm (hence
-clipping), or both, replaced by no-ops, and with torch's gradient norm in place of
-optimizers.global_norm: what each costs. Every round times one block of each
-loop, in forward order on even rounds and in reverse on odd ones (so that drift within a round
-and the order cancel); the overhead is loop / bare - 1 of each block against the bare block of
-its round, reported as the median over rounds with a 95 % bootstrap interval of that median.
-Short blocks (5 steps) pair each loop block with a bare block a fraction of a second away, which
-narrows the interval on a shared machine; each block is one `train()` call, whose own start and
-end (about 0.3 ms on the CPU) count as overhead.
+nothing else. Every round times one block of each, in forward order on even rounds and in
+reverse on odd ones (so that drift within a round and the order cancel); the overhead is
+trainer / bare - 1 of each block against the bare block of its round, reported as the median
+over rounds with a 95 % bootstrap interval of that median. Each block is one `train()` call,
+whose own start and end (about 0.3 ms on the CPU) count as overhead.
+
+Parts (`--parts N`, 0 to skip): what the EMA update and the gradient norm with clipping cost,
+and what torch's norm would cost instead of optimizers.global_norm, from N rounds of single
+steps interleaved (`part_rows`).
 
 GPU (`--gpu`): for the cifar10 U-Net and a DiT-S/2 at batch 128,
 bare steps in fp32 eager, bf16 autocast, torch.compile, channels-last and fused AdamW, with
-images/s and peak memory per GPU and the ratio to fp32 eager; then the overhead rows of the
+images/s and peak memory per GPU and the ratio to fp32 eager; then the overhead tables of the
 cifar10 trainer, on random images written in CIFAR-10's format (the GPU machine needs no data).
 
 Scaling (CPU): bare step time and peak memory against batch size and U-Net width, and the
@@ -126,20 +126,21 @@ def peak_rss_mib():
 # ---------------------------------------------------------------------------------------------
 # Trainer overhead.
 # ---------------------------------------------------------------------------------------------
-LOOPS = {  # name: the keyword arguments of `variant`
-    "trainer": {},
-    "trainer, EMA as a no-op": {"no_ema": True},
-    "trainer, gradient norm as a no-op": {"no_norm": True},
-    "trainer, EMA and gradient norm as no-ops": {"no_ema": True, "no_norm": True},
-    "trainer, gradient norm by torch's get_total_norm": {"torch_norm": True},
+PARTS = {  # name: the keyword arguments of `variant` for the trainer's step without the part
+    "bare step (no trainer at all)": None,
+    "without the EMA update": {"no_ema": True},
+    "without the gradient norm and clipping": {"no_norm": True},
+    "without the EMA, the gradient norm and clipping": {"no_ema": True, "no_norm": True},
+    "torch's get_total_norm instead of optimizers.global_norm": {"torch_norm": True},
 }
 
 
-def overhead(preset, rounds, steps_per_round, device_note, **overrides):
-    """Table rows: each loop of LOOPS against a bare step. Each round times one block of every
-    loop, the order reversed on odd rounds; each loop block is compared with the bare block of
-    its round, so machine drift cancels: the median of those paired ratios over the rounds, with
-    a 95 % bootstrap interval of the median."""
+def overhead(preset, rounds, steps_per_round, device_note, part_steps=0, **overrides):
+    """(the overhead row, the part rows). Overhead: each round times one block of
+    `steps_per_round` trainer steps (`DiffusionTrainer.train`) and one of bare steps, the order
+    reversed on odd rounds; each trainer block is compared with the bare block of its round, so
+    machine drift cancels: the median of those paired ratios, with a 95 % bootstrap interval of
+    the median. Parts (`part_steps` > 0): see `part_rows`."""
     with tempfile.TemporaryDirectory() as workdir:
         config = bench_config(preset, workdir, **overrides)
         dist_info = utils.setup_distributed()
@@ -150,38 +151,72 @@ def overhead(preset, rounds, steps_per_round, device_note, **overrides):
         x0, y = fixed_batch(trainer)
         bare = BareStep(bare_net, x0, y, config.train.lr)
 
-        def loop_block(options):
-            def block():
-                with variant(trainer, **options):
-                    trainer.train(logger_factory(trainer), until=trainer.step + steps_per_round)
+        def trainer_block():
+            trainer.train(logger_factory(trainer), until=trainer.step + steps_per_round)
 
-            return block
-
-        blocks = {"bare": (bare, steps_per_round)}
-        blocks.update({name: (loop_block(options), 1) for name, options in LOOPS.items()})
-        times = {name: [] for name in blocks}
-        for _ in range(2):  # warm up
-            for fn, repeats in blocks.values():
-                time_block(fn, repeats, dist_info.device)
-        for round_ in range(rounds):
-            order = list(blocks) if round_ % 2 == 0 else list(blocks)[::-1]
-            for name in order:
-                fn, repeats = blocks[name]
-                times[name].append(time_block(fn, repeats, dist_info.device) * repeats)
+        blocks = {"bare": (bare, steps_per_round), "trainer": (trainer_block, 1)}
+        times = interleaved(blocks, rounds, dist_info.device, warmup=2)
+        times = {name: [t * blocks[name][1] for t in ts] for name, ts in times.items()}
         bare_s = statistics.median(times["bare"]) / steps_per_round
+        step_s = statistics.median(times["trainer"]) / steps_per_round
+        ratios = [t / b - 1 for t, b in zip(times["trainer"], times["bare"], strict=True)]
+        mid, (low, high) = statistics.median(ratios), median_interval(ratios)
         n_params = sum(p.numel() for p in trainer.net.parameters())
+        name = f"{preset} ({config.model.name}, {n_params / 1e6:.2f}M)"
         batch = config.train.batch_size
-        rows = []
-        for name in LOOPS:
-            step_s = statistics.median(times[name]) / steps_per_round
-            ratios = [t / b - 1 for t, b in zip(times[name], times["bare"], strict=True)]
-            mid, (low, high) = statistics.median(ratios), median_interval(ratios)
-            rows.append(
-                f"| {preset} ({config.model.name}, {n_params / 1e6:.2f}M) | {name} | {batch} | "
-                f"{bare_s * 1e3:.2f} | {step_s * 1e3:.2f} | {100 * mid:+.1f} % "
-                f"({100 * low:+.1f} to {100 * high:+.1f}) | {batch / step_s:.0f} | {device_note} |"
-            )
-        return "\n".join(rows)
+        row = (
+            f"| {name} | {batch} | {bare_s * 1e3:.2f} | {step_s * 1e3:.2f} | {100 * mid:+.1f} % "
+            f"({100 * low:+.1f} to {100 * high:+.1f}) | {batch / step_s:.0f} | {device_note} |"
+        )
+        parts = part_rows(name, trainer, bare, part_steps, dist_info.device) if part_steps else []
+        return row, parts
+
+
+def part_rows(name, trainer, bare, steps, device):
+    """What each part of PARTS costs: single steps of the trainer (`train_step`), of the trainer
+    without the part, and bare, interleaved step by step (`steps` rounds, order reversed on odd
+    ones); per part, the median of (trainer step - that step) over the rounds with a 95 %
+    bootstrap interval, in ms and in % of the bare step. Pairing single steps resolves tenths
+    of a millisecond that the blocks of the overhead row cannot; the loop around the step
+    (logging, progress bar) is not in these rows."""
+
+    def step_of(options):
+        def step():
+            with variant(trainer, **options):
+                trainer.train_step()
+
+        return step
+
+    fns = {"trainer": (trainer.train_step, 1)}
+    fns.update({part: (bare if o is None else step_of(o), 1) for part, o in PARTS.items()})
+    times = interleaved(fns, steps, device, warmup=5)
+    bare_s = statistics.median(times["bare step (no trainer at all)"])
+    rows = []
+    for part in PARTS:
+        saved = [t - p for t, p in zip(times["trainer"], times[part], strict=True)]
+        mid, (low, high) = statistics.median(saved), median_interval(saved)
+        rows.append(
+            f"| {name} | {part} | {statistics.median(times[part]) * 1e3:.2f} | "
+            f"{mid * 1e3:+.2f} ({low * 1e3:+.2f} to {high * 1e3:+.2f}) | "
+            f"{100 * mid / bare_s:+.1f} % |"
+        )
+    return rows
+
+
+def interleaved(fns, rounds, device, warmup):
+    """{name: [seconds of one call of fn repeated `repeats` times, per round]} for `fns`
+    {name: (fn, repeats)}: every round calls each in turn, forward on even rounds and in
+    reverse on odd ones, so that drift within a round and the order cancel."""
+    names = list(fns)
+    for _ in range(warmup):
+        for fn, repeats in fns.values():
+            time_block(fn, repeats, device)
+    times = {name: [] for name in names}
+    for round_ in range(rounds):
+        for name in names if round_ % 2 == 0 else names[::-1]:
+            fn, repeats = fns[name]
+            times[name].append(time_block(fn, repeats, device))
+    return times
 
 
 def median_interval(values, level=0.95, resamples=2000, seed=0):
@@ -283,21 +318,24 @@ DIT_S2 = {"model.name": "dit", "model.patch_size": 2, "model.width": 384}
 GPU_NETWORKS = [("cifar10", {}), ("cifar10", {**DIT_S2, "model.depth": 12, "model.num_heads": 6})]
 
 
-def gpu_report(networks, batch, steps, rounds, device="cuda", variants=None, data_per_batch=10000):
-    """Print the variant table of every (preset, overrides) in `networks`, then the overhead rows
-    of the first one on random images in CIFAR-10's format (the GPU machine has no dataset;
-    `data_per_batch` 10000 is the real size, so epochs end as rarely as on the real data)."""
+def gpu_report(
+    networks, batch, steps, rounds, device="cuda", variants=None, data_per_batch=10000, parts=0
+):
+    """Print the variant table of every (preset, overrides) in `networks`, then the overhead
+    tables of the first one on random images in CIFAR-10's format (the GPU machine has no
+    dataset; `data_per_batch` 10000 is the real size, so epochs end as rarely as on the real
+    data)."""
     header = "| network, variant | batch | ms / step | images / s | peak GiB | vs fp32 eager |"
     print(header + "\n| --- | --- | --- | --- | --- | --- |")
     for preset, overrides in networks:
         for row in gpu_table(preset, batch, steps, overrides, device, variants):
             print(row, flush=True)
-    print("\n" + OVERHEAD_HEADER)
     preset, overrides = networks[0]
     with tempfile.TemporaryDirectory() as data_root:
         write_synthetic_cifar10(data_root, per_batch=data_per_batch)
         overrides = {**overrides, "data.root": data_root, "train.batch_size": batch}
-        print(overhead(preset, rounds, steps, torch.device(device).type, **overrides), flush=True)
+        device_note = torch.device(device).type
+        print_overhead([overhead(preset, rounds, steps, device_note, parts, **overrides)])
 
 
 def write_synthetic_cifar10(root, per_batch=512, seed=0):
@@ -406,10 +444,27 @@ def ddp_worker(preset, batch, steps):
 
 # ---------------------------------------------------------------------------------------------
 OVERHEAD_HEADER = (
-    "| preset | loop | batch | bare ms / step | loop ms / step | overhead (95 % interval) "
+    "| preset | batch | bare ms / step | trainer ms / step | overhead (95 % interval) "
     "| samples / s | device |\n"
-    "| --- | --- | --- | --- | --- | --- | --- | --- |"
+    "| --- | --- | --- | --- | --- | --- | --- |"
 )
+PARTS_HEADER = (
+    "| preset | step | ms / step | trainer step minus this step, ms (95 % interval) "
+    "| in % of the bare step |\n"
+    "| --- | --- | --- | --- | --- |"
+)
+
+
+def print_overhead(results):
+    """The overhead table, then the parts table, of `results` [(row, part rows)]."""
+    print("\n" + OVERHEAD_HEADER)
+    for row, _ in results:
+        print(row)
+    if any(parts for _, parts in results):
+        print("\n" + PARTS_HEADER)
+        for _, parts in results:
+            print("\n".join(parts))
+    sys.stdout.flush()
 
 
 def main_(args):
@@ -421,11 +476,15 @@ def main_(args):
             sys.exit("error: --gpu needs CUDA")
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
         print(f"device: {torch.cuda.get_device_name()}, torch {torch.__version__}\n")
-        return gpu_report(GPU_NETWORKS, args.batch or 128, args.steps_per_round, args.rounds)
-    print(f"CPU, {torch.get_num_threads()} threads, torch {torch.__version__}\n")
-    print(OVERHEAD_HEADER)
-    for preset in args.presets:
-        print(overhead(preset, args.rounds, args.steps_per_round, "cpu"), flush=True)
+        batch = args.batch or 128
+        return gpu_report(GPU_NETWORKS, batch, args.steps_per_round, args.rounds, parts=args.parts)
+    print(f"CPU, {torch.get_num_threads()} threads, torch {torch.__version__}")
+    print_overhead(
+        [
+            overhead(preset, args.rounds, args.steps_per_round, "cpu", args.parts)
+            for preset in args.presets
+        ]
+    )
     if args.no_scaling:
         return None
     print("\n| network | batch | bare ms / step | samples / s |\n| --- | --- | --- | --- |")
@@ -442,8 +501,9 @@ def main_(args):
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--presets", nargs="+", default=["digits", "checkerboard"])
-    parser.add_argument("--rounds", type=int, default=60)
-    parser.add_argument("--steps-per-round", type=int, default=5)
+    parser.add_argument("--rounds", type=int, default=20)
+    parser.add_argument("--steps-per-round", type=int, default=20)
+    parser.add_argument("--parts", type=int, default=200, help="step pairs of the parts table")
     parser.add_argument("--batch", type=int, default=0)
     parser.add_argument("--gpu", action="store_true")
     parser.add_argument("--no-scaling", action="store_true")

@@ -32,7 +32,7 @@ def test_gpu_variant_table_runs_on_the_cpu():
     assert all(float(cells(row)[4]) > 0 for row in rows)  # peak memory, GiB
 
 
-def test_synthetic_cifar10_is_read_by_the_loader_and_drives_the_overhead_rows(tmp_path):
+def test_synthetic_cifar10_is_read_by_the_loader_and_drives_the_overhead_tables(tmp_path):
     root = throughput.write_synthetic_cifar10(str(tmp_path), per_batch=16)
     train = data_utils.build_cifar10(root, train=True)
     test = data_utils.build_cifar10(root, train=False)
@@ -40,25 +40,31 @@ def test_synthetic_cifar10_is_read_by_the_loader_and_drives_the_overhead_rows(tm
     x, y = train[3]
     assert x.shape == (3, 32, 32) and -1 <= x.min() < x.max() <= 1 and 0 <= int(y) < 10
     overrides = {**TINY, "data.root": root, "data.num_workers": 0, "train.batch_size": 4}
-    rows = throughput.overhead("cifar10", 2, 1, "cpu", **overrides).splitlines()
-    assert [cells(row)[1] for row in rows] == list(throughput.LOOPS)
-    for row in rows:
-        bare_ms, loop_ms = float(cells(row)[3]), float(cells(row)[4])
-        assert bare_ms > 0 and loop_ms > 0 and cells(row)[2] == "4"
+    row, parts = throughput.overhead("cifar10", 2, 1, "cpu", part_steps=3, **overrides)
+    bare_ms, trainer_ms = float(cells(row)[2]), float(cells(row)[3])
+    assert cells(row)[0].startswith("cifar10 (unet,") and cells(row)[1] == "4"
+    assert bare_ms > 0 and trainer_ms > 0
+    median, low, high = re.fullmatch(
+        r"([+-][\d.]+) % \(([+-][\d.]+) to ([+-][\d.]+)\)", cells(row)[4]
+    ).groups()
+    assert float(low) <= float(median) <= float(high)
+    assert [cells(part)[1] for part in parts] == list(throughput.PARTS)
+    for part in parts:
         median, low, high = re.fullmatch(
-            r"([+-][\d.]+) % \(([+-][\d.]+) to ([+-][\d.]+)\)", cells(row)[5]
+            r"([+-][\d.]+) \(([+-][\d.]+) to ([+-][\d.]+)\)", cells(part)[3]
         ).groups()
-        assert float(low) <= float(median) <= float(high)
+        assert float(low) <= float(median) <= float(high) and float(cells(part)[2]) > 0
+        assert cells(part)[4].endswith(" %")
 
 
-def test_gpu_report_prints_both_networks_and_the_overhead_rows(capsys):
+def test_gpu_report_prints_both_networks_and_the_overhead_tables(capsys):
     """The whole `--gpu` report, small and on the CPU: a U-Net and a DiT variant table, then the
-    trainer's overhead rows on synthetic CIFAR-10 at the report's batch."""
+    trainer's overhead and parts tables on synthetic CIFAR-10 at the report's batch."""
     tiny_dit = {"model.name": "dit", "model.patch_size": 4, "model.width": 32}
     tiny_dit.update({"model.depth": 1, "model.num_heads": 2})
     networks = [("cifar10", {**TINY, "data.num_workers": 0}), ("cifar10", tiny_dit)]
     variants = ["fp32 eager", "bf16 autocast"]
-    throughput.gpu_report(networks, 2, 1, 1, "cpu", variants, data_per_batch=4)
+    throughput.gpu_report(networks, 2, 1, 1, "cpu", variants, data_per_batch=4, parts=2)
     table = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| cifar10")]
     assert [cells(row)[0] for row in table[:4]] == [
         "cifar10 unet, fp32 eager",
@@ -67,10 +73,10 @@ def test_gpu_report_prints_both_networks_and_the_overhead_rows(capsys):
         "cifar10 dit, bf16 autocast",
     ]
     assert all(cells(row)[1] == "2" for row in table[:4])  # batch
-    overhead_rows = table[4:]
-    assert [cells(row)[1] for row in overhead_rows] == list(throughput.LOOPS)
-    assert all(cells(row)[0].startswith("cifar10 (unet,") for row in overhead_rows)
-    assert all(cells(row)[2] == "2" for row in overhead_rows)  # the report's batch
+    overhead_row, parts = table[4], table[5:]
+    assert cells(overhead_row)[0].startswith("cifar10 (unet,")
+    assert cells(overhead_row)[1] == "2"  # the report's batch
+    assert [cells(row)[1] for row in parts] == list(throughput.PARTS)
 
 
 def test_median_interval_is_the_bootstrap_percentile_interval_of_the_median():
