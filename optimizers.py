@@ -93,11 +93,10 @@ def global_norm(tensors):
     """||(t_1, ..., t_n)||_2 = sqrt(sum_i <t_i, t_i>) as a 0-dim float32 tensor (0 for none).
 
     On CUDA, torch's multi-tensor norm (get_total_norm: a few fused kernels). On the CPU, the
-    sum of per-tensor BLAS dot products <t_i, t_i>: torch's CPU norm kernel is slower, which in
-    the trainer's step of the 2-D MLP costs about 0.8 ms of a 35 ms step
-    (`python benchmarks/throughput.py`, the "torch's foreach norm" row). The squares are summed
-    in float32, so a norm above about 1.8e19 overflows to inf (the trainer then skips the step,
-    as for a non-finite one)."""
+    sum of per-tensor BLAS dot products <t_i, t_i>, which is faster than torch's CPU norm kernel:
+    about 0.6 ms of the 2-D MLP's 40 ms step in docs/benchmarks.md ("Training-loop overhead",
+    from benchmarks/throughput.py). The squares are summed in float32, so a norm above about
+    1.8e19 overflows to inf (the trainer then skips the step, as for a non-finite one)."""
     if not tensors:
         return torch.zeros(())
     if tensors[0].device.type != "cpu":
