@@ -502,14 +502,13 @@ def checkpoint_config(state, overrides):
 
     The sampling time range is re-resolved for the sampler now asked for, unless given."""
     config = config_lib.with_defaults(checkpoints.config_of(state))
-    for key, value in overrides.items():
+    for key in overrides:
         if not key.startswith(("sample.", "eval.", "logging.")):
             raise ValueError(
                 f"--config.{key}: only --config.sample.* and --config.eval.* overrides apply "
                 f"to a checkpoint"
             )
-        section, field = key.split(".", 1)
-        config[section][field] = value
+    config_lib.set_values(config, overrides)
     for key in ("t_min", "t_max"):
         if f"sample.{key}" not in overrides:
             config.sample[key] = None

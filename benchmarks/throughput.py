@@ -126,8 +126,9 @@ def peak_rss_mib():
 # ---------------------------------------------------------------------------------------------
 # Trainer overhead.
 # ---------------------------------------------------------------------------------------------
+BARE_STEP = "bare step (no trainer at all)"
 PARTS = {  # name: the keyword arguments of `variant` for the trainer's step without the part
-    "bare step (no trainer at all)": None,
+    BARE_STEP: None,
     "without the EMA update": {"no_ema": True},
     "without the gradient norm and clipping": {"no_norm": True},
     "without the EMA, the gradient norm and clipping": {"no_ema": True, "no_norm": True},
@@ -156,10 +157,10 @@ def overhead(preset, rounds, steps_per_round, device_note, part_steps=0, **overr
 
         blocks = {"bare": (bare, steps_per_round), "trainer": (trainer_block, 1)}
         times = interleaved(blocks, rounds, dist_info.device, warmup=2)
-        times = {name: [t * blocks[name][1] for t in ts] for name, ts in times.items()}
-        bare_s = statistics.median(times["bare"]) / steps_per_round
-        step_s = statistics.median(times["trainer"]) / steps_per_round
-        ratios = [t / b - 1 for t, b in zip(times["trainer"], times["bare"], strict=True)]
+        bare_steps = times["bare"]  # seconds per step
+        trainer_steps = [t / steps_per_round for t in times["trainer"]]
+        bare_s, step_s = statistics.median(bare_steps), statistics.median(trainer_steps)
+        ratios = [t / b - 1 for t, b in zip(trainer_steps, bare_steps, strict=True)]
         mid, (low, high) = statistics.median(ratios), median_interval(ratios)
         n_params = sum(p.numel() for p in trainer.net.parameters())
         name = f"{preset} ({config.model.name}, {n_params / 1e6:.2f}M)"
@@ -190,7 +191,7 @@ def part_rows(name, trainer, bare, steps, device):
     fns = {"trainer": (trainer.train_step, 1)}
     fns.update({part: (bare if o is None else step_of(o), 1) for part, o in PARTS.items()})
     times = interleaved(fns, steps, device, warmup=5)
-    bare_s = statistics.median(times["bare step (no trainer at all)"])
+    bare_s = statistics.median(times[BARE_STEP])
     rows = []
     for part in PARTS:
         saved = [t - p for t, p in zip(times["trainer"], times[part], strict=True)]
@@ -204,7 +205,7 @@ def part_rows(name, trainer, bare, steps, device):
 
 
 def interleaved(fns, rounds, device, warmup):
-    """{name: [seconds of one call of fn repeated `repeats` times, per round]} for `fns`
+    """{name: [seconds per call of fn (the mean of `repeats` calls), per round]} for `fns`
     {name: (fn, repeats)}: every round calls each in turn, forward on even rounds and in
     reverse on odd ones, so that drift within a round and the order cancel."""
     names = list(fns)
