@@ -76,17 +76,27 @@ def build_scheduler(
     return scheduler
 
 
-def clip_gradients(params, max_norm):
+def clip_gradients(params, max_norm, host_reads_free=False):
     """Clip the global gradient norm of `params` (a list of parameters, or a module) to
     `max_norm` in place (no clipping when it is 0 or None) and return the norm before clipping
-    as a 0-dim tensor, without a host sync: g <- g * min(1, max_norm / (||g|| + 1e-6)), torch's
-    clip_grads_with_norm_ (so p.grad holds the clipped gradient afterwards, as usual)."""
+    as a 0-dim tensor: g <- g * c with c = min(1, max_norm / (||g|| + 1e-6)), torch's
+    clip_grads_with_norm_ (so p.grad holds the clipped gradient afterwards, as usual).
+
+    The multiply runs with c on device, so there is no host sync. With `host_reads_free` (the
+    CPU, where reading c costs nothing) it is skipped when c = 1: a read and a write of every
+    gradient saved on each step whose norm is under the limit, with the same bits as a result."""
     if isinstance(params, torch.nn.Module):
         params = list(params.parameters())
     norm = global_norm([p.grad for p in params if p.grad is not None])
-    if max_norm:
+    if max_norm and not (host_reads_free and clip_coefficient(norm, max_norm) >= 1.0):
         torch.nn.utils.clip_grads_with_norm_(params, max_norm, norm, foreach=True)
     return norm
+
+
+def clip_coefficient(norm, max_norm):
+    """max_norm / (||g|| + 1e-6) in float32, as clip_grads_with_norm_ computes it before
+    clamping it to 1 (a Python float: a host read of `norm`)."""
+    return (float(max_norm) / (norm + 1e-6)).item()
 
 
 def global_norm(tensors):

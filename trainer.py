@@ -132,6 +132,9 @@ class DiffusionTrainer:
         self.diverged = False
         self.last_healthy_ckpt = None  # protected from pruning
         self.poll_every = POLL_EVERY.get(self.device.type, POLL_EVERY_DEFAULT)
+        # The step may branch on a device value only where reading one is free (the CPU); the
+        # CPU tests of the sync-free step set this False to run the accelerator's control flow.
+        self.host_reads_free = self.device.type == "cpu"
         self.stopped = None  # (reason, checkpoint path) after a stop signal
 
     def build_scheduler(self, start_step):
@@ -228,7 +231,7 @@ class DiffusionTrainer:
                 loss = self.loss(x0, y, t, x1, z, drop, extra) / self.grad_accum
                 loss.backward()
             loss_sum += loss.detach()
-        grad_norm = clip_gradients(self.params, self.config.train.grad_clip)
+        grad_norm = clip_gradients(self.params, self.config.train.grad_clip, self.host_reads_free)
         local_bad = ~(torch.isfinite(loss_sum) & torch.isfinite(grad_norm))
         skipped, stop = utils.any_rank([local_bad, stop_requested], self.device)
         self.optimizer.found_inf = skipped  # fused AdamW: no update at all when 1

@@ -16,6 +16,7 @@ from ema import EMA
 from optimizers import (
     build_optimizer,
     build_scheduler,
+    clip_coefficient,
     clip_gradients,
     global_norm,
     param_groups,
@@ -98,6 +99,43 @@ def test_clip_gradients_returns_norm_and_clips():
     model.weight.grad = torch.tensor([[3.0, 4.0, 0.0]])
     assert clip_gradients(model, 0.0).item() == pytest.approx(5.0)  # 0 disables clipping
     assert model.weight.grad.norm().item() == pytest.approx(5.0)
+
+
+@pytest.mark.parametrize(
+    "scale, multiplies",  # ||g||; 1 - 2e-7 is under max_norm = 1 but c = 1 / (||g|| + 1e-6) < 1
+    [(0.01, False), (1.0 - 1.5e-6, False), (1.0 - 2e-7, True), (1.0, True), (100.0, True)]
+    + [(math.nan, True)],
+)
+def test_clip_gradients_skips_only_the_unit_multiply_with_free_host_reads(scale, multiplies):
+    """With host reads free (the CPU) the multiply by c = min(1, max_norm / (||g|| + 1e-6)) is
+    skipped when c is 1 (the gradient tensors are not written: their version counters stay);
+    without (a GPU), it always runs. Either way the gradients are, to the bit, those of torch's
+    clip_grads_with_norm_ (which always multiplies), at the boundary and for a nan norm too."""
+    torch.manual_seed(0)
+    grads = [torch.randn(40, 30), torch.randn(30), torch.randn(1)]
+    total = math.sqrt(sum((g.double() ** 2).sum().item() for g in grads))
+
+    def parameters():
+        params = [torch.nn.Parameter(torch.zeros_like(g)) for g in grads]
+        for p, g in zip(params, grads, strict=True):
+            p.grad = (g / total * scale).float()
+        return params
+
+    reference = parameters()
+    norm = global_norm([p.grad for p in reference])
+    torch.testing.assert_close(
+        norm, torch.nn.utils.get_total_norm([p.grad for p in reference]), equal_nan=True
+    )
+    torch.nn.utils.clip_grads_with_norm_(reference, 1.0, norm, foreach=True)
+    assert (clip_coefficient(norm, 1.0) >= 1.0) == (not multiplies)
+    for host_reads_free in (True, False):
+        ours = parameters()
+        versions = [p.grad._version for p in ours]
+        assert torch.equal(clip_gradients(ours, 1.0, host_reads_free), norm) or math.isnan(scale)
+        multiplied = [p.grad._version != v for p, v in zip(ours, versions, strict=True)]
+        assert multiplied == [multiplies or not host_reads_free] * len(ours)
+        for p, q in zip(ours, reference, strict=True):
+            assert torch.equal(p.grad, q.grad) or (p.grad.isnan() & q.grad.isnan()).all()
 
 
 def test_global_norm_matches_float64_and_flags_overflow_and_non_finite():
