@@ -185,9 +185,7 @@ class DiffusionTrainer:
                     self.model, self.process, x0, x1, t, extra, y, self.step, self.steps
                 )
         x_t = self.process.interpolate(x0, x1, t, z)
-        x_in, t_in = self.precond.inputs(
-            x_t, t
-        )  # none: x_t * input_scale(t), t; EDM: c_in, c_noise
+        x_in, t_in = self.precond.inputs(x_t, t)  # x_t * input_scale(t), t; EDM: c_in, c_noise
         with self.autocast():
             out = self.model(x_in, t_in, y).float()
         c = prediction.coefs_at(self.process, t, x_t)

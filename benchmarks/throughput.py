@@ -152,8 +152,9 @@ def overhead(preset, rounds, steps_per_round, device_note, part_steps=0, **overr
         x0, y = fixed_batch(trainer)
         bare = BareStep(bare_net, x0, y, config.train.lr)
 
-        def trainer_block():
-            trainer.train(logger_factory(trainer), until=trainer.step + steps_per_round)
+        def trainer_block():  # the progress bar is drawn, as in training, into /dev/null
+            with open(os.devnull, "w") as devnull, contextlib.redirect_stderr(devnull):
+                trainer.train(logger_factory(trainer), until=trainer.step + steps_per_round)
 
         blocks = {"bare": (bare, steps_per_round), "trainer": (trainer_block, 1)}
         times = interleaved(blocks, rounds, dist_info.device, warmup=2)
