@@ -104,7 +104,7 @@ def global_norm(tensors):
 
     On CUDA, torch's multi-tensor norm (get_total_norm: a few fused kernels). On the CPU, the
     sum of per-tensor BLAS dot products <t_i, t_i>, which is faster than torch's CPU norm kernel:
-    about 0.6 ms of the 2-D MLP's 40 ms step in docs/benchmarks.md ("Training-loop overhead",
+    about 0.8 ms of the 2-D MLP's 34 ms step in docs/benchmarks.md ("Training-loop overhead",
     from benchmarks/throughput.py). The squares are summed in float32, so a norm above about
     1.8e19 overflows to inf (the trainer then skips the step, as for a non-finite one)."""
     if not tensors:
