@@ -103,7 +103,7 @@ def base_config():
     c.train.compile = False  # torch.compile the network
     c.train.log_every = 100
     c.train.sample_every = 5000  # sample grid into the run directory; 0 disables
-    c.train.save_every = 5000  # checkpoint; the last step is always saved
+    c.train.save_every = 5000  # checkpoint; also the last step and before sampling or eval
     c.train.keep_ckpts = 2  # newest checkpoints kept in the run directory
     c.train.eval_every = 0  # run the evaluation (see `eval`) every N steps; 0 disables
     c.train.ot_pairing = False  # minibatch optimal-transport pairing of x0 and x1 (OT-CFM)

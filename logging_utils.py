@@ -100,11 +100,30 @@ class MetricsLogger:
 
 def read_metrics(run_dir):
     """All records of `run_dir/metrics.jsonl` (an empty list when there is none)."""
+    return read_metrics_lines(run_dir)[0]
+
+
+def read_metrics_lines(run_dir):
+    """(records, torn) of `run_dir/metrics.jsonl`: `torn` counts the non-empty lines that are
+    not a JSON record with an integer step, left out of `records` (the cut-off last line of a
+    run killed, or out of disk, while appending)."""
     path = os.path.join(run_dir, "metrics.jsonl")
     if not os.path.exists(path):
-        return []
-    with open(path) as f:
-        return [json.loads(line) for line in f if line.strip()]
+        return [], 0
+    records, torn = [], 0
+    with open(path, errors="replace") as f:
+        for line in f:
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except ValueError:
+                record = None
+            if isinstance(record, dict) and type(record.get("step")) is int:
+                records.append(record)
+            else:
+                torn += 1
+    return records, torn
 
 
 def save_loss_curve(records, path, keys=("loss",)):

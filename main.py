@@ -483,10 +483,14 @@ def run_training(trainer, config, dist_info, until):
 
 
 def truncate_metrics(run_dir, step):
-    """Drop metrics logged after `step` (by a run that stopped before its next checkpoint)."""
-    records = logging_utils.read_metrics(run_dir)
+    """Drop metrics logged after `step` (by a run that stopped before its next checkpoint), and
+    lines that are not records (cut off by a crash or a full disk while being written)."""
+    records, torn = logging_utils.read_metrics_lines(run_dir)
     kept = [r for r in records if r["step"] <= step]
-    if len(kept) != len(records):
+    if torn:
+        path = os.path.join(run_dir, "metrics.jsonl")
+        print(f"warning: {path}: dropped {torn} unreadable line(s), cut off while being written")
+    if torn or len(kept) != len(records):
         text = "".join(json.dumps(r) + "\n" for r in kept)
         utils.atomic_write_text(text, os.path.join(run_dir, "metrics.jsonl"))
 

@@ -306,15 +306,18 @@ class DiffusionTrainer:
                 if (self.step % self.poll_every == 0 or self.step == until) and stop_flag.item():
                     self.stopped = (stop.reason or "a signal to another rank", self.save())
                     break
-                if c.sample_every and self.step % c.sample_every == 0 or self.step == self.steps:
+                sample_due = c.sample_every and self.step % c.sample_every == 0
+                sample_due = sample_due or self.step == self.steps
+                eval_due = c.eval_every and self.step % c.eval_every == 0
+                if self.step % c.save_every == 0 or sample_due or eval_due:
+                    self.save()  # first: a stop during slow sampling or eval loses no step
+                if sample_due:
                     path = self.save_samples()
                     if path:
                         logger.log_image(self.step, "samples", path)
-                if c.eval_every and self.step % c.eval_every == 0:
+                if eval_due:
                     metrics = self.evaluate()
                     logger.log(self.step, {f"eval/{k}": v for k, v in metrics.items()})
-                if self.step % c.save_every == 0 or self.step == self.steps:
-                    self.save()
                 if self.dist.is_main:  # power EMA: snapshots for post-hoc reconstruction
                     save_snapshot_if_due(
                         self.ema, self.run_dir, c.ema_snapshot_every, utils.atomic_torch_save

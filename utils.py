@@ -301,19 +301,55 @@ def _data_sized(name, args, kwargs):
 # ---------------------------------------------------------------------------------------------
 # The launcher of run.sh: torchrun, minus its tracebacks.
 # ---------------------------------------------------------------------------------------------
+class KilledAfterTimeout(logging.Handler):
+    """Records the workers that torchrun kills because they were still running its shutdown
+    timeout after a forwarded stop signal (it says so only in a log warning, which launch
+    silences with the rest of its logging)."""
+
+    LOGGER = "torch.distributed.elastic.multiprocessing.api"
+
+    def __init__(self):
+        super().__init__(logging.WARNING)
+        self.pids = []
+
+    def emit(self, record):
+        if str(record.msg).startswith("Unable to shutdown process"):
+            self.pids.append(record.args[0])
+
+    @classmethod
+    def install(cls):
+        handler, logger = cls(), logging.getLogger(cls.LOGGER)
+        logger.setLevel(logging.WARNING)
+        logger.propagate = False  # recorded here, not printed
+        logger.addHandler(handler)
+        return handler
+
+
 def launch(torchrun_args):
     """Run torchrun with `torchrun_args` in this process and return an exit status, printing no
     launcher traceback: a worker's own `error:` line (or traceback) is all the user sees, and
-    a stop signal forwarded to the workers (they checkpoint and exit) ends with status 0."""
+    a stop signal forwarded to the workers (they checkpoint and exit) ends with status 0, or
+    with one `error:` line and status 137 if torchrun had to kill workers still running after
+    its shutdown timeout."""
     from torch.distributed import run as torchrun
     from torch.distributed.elastic.multiprocessing.api import SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
 
     logging.getLogger("torch.distributed.elastic").setLevel(logging.CRITICAL)
+    killed = KilledAfterTimeout.install()
+    args = torchrun.parse_args(torchrun_args)
     try:
-        torchrun.run(torchrun.parse_args(torchrun_args))
-    except SignalException:  # forwarded to the workers, which checkpoint and say so
-        return 0
+        torchrun.run(args)
+    except SignalException as e:  # forwarded to the workers, which checkpoint and say so
+        if not killed.pids:
+            return 0
+        print(
+            f"error: {len(killed.pids)} worker(s) still running {args.shutdown_timeout} s after "
+            f"{signal.Signals(e.sigval).name} were killed (SHUTDOWN_TIMEOUT); rerun the same "
+            "command to resume from the newest checkpoint",
+            file=sys.stderr,
+        )
+        return 128 + signal.SIGKILL
     except ChildFailedError as e:
         rank, failure = e.get_first_failure()
         if failure.exitcode < 0:  # killed by a signal: the worker could not say anything itself

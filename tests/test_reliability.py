@@ -135,6 +135,44 @@ def test_sigterm_checkpoints_and_resume_is_bit_identical(tmp_path):
     assert [r["step"] for r in read_metrics(run_dir)] == list(range(1, steps + 1))
 
 
+WORKER = """
+import signal, sys, time
+signal.signal(signal.SIGTERM, {handler})
+open(sys.argv[1], "w").close()
+time.sleep(60)
+"""
+
+
+@pytest.mark.parametrize("stubborn", [False, True])
+def test_the_launcher_says_when_it_killed_workers_after_the_shutdown_timeout(tmp_path, stubborn):
+    """A stop signal to the launcher is forwarded; a worker that exits within the shutdown
+    timeout ends the launch with status 0 and no line of the launcher's, one still running
+    after it (a long eval, a hung collective) is killed, and the launcher says so in one
+    error line with status 137."""
+    handler = "signal.SIG_IGN" if stubborn else "lambda *args: sys.exit(0)"
+    script, ready = tmp_path / "worker.py", tmp_path / "ready"
+    script.write_text(WORKER.format(handler=handler))
+    torchrun = ["--standalone", "--nproc-per-node=1", "--signals-to-handle=SIGTERM"]
+    cmd = [sys.executable, "utils.py", *torchrun, "--shutdown-timeout=1", str(script), str(ready)]
+    proc = start(cmd)
+    deadline = time.time() + 60
+    while not ready.exists():
+        assert proc.poll() is None and time.time() < deadline, proc.communicate()
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=60)
+    errors = [line for line in err.splitlines() if line.startswith("error:")]
+    if stubborn:
+        assert proc.returncode == 137, err
+        assert errors == [
+            "error: 1 worker(s) still running 1 s after SIGTERM were killed (SHUTDOWN_TIMEOUT); "
+            "rerun the same command to resume from the newest checkpoint"
+        ]
+    else:
+        assert proc.returncode == 0 and errors == [], err
+    assert "Traceback" not in err
+
+
 def test_kill_9_of_the_launcher_stops_the_workers_with_a_checkpoint(tmp_path):
     """`kill -9` of run.sh's launcher (2 workers): the workers get SIGTERM from the kernel
     (parent-death signal), agree, checkpoint and exit instead of training on orphaned."""
@@ -432,6 +470,53 @@ def scale_loss_at(monkeypatch, steps, factor):
         return value * factor if self.step in steps else value
 
     monkeypatch.setattr(DiffusionTrainer, "loss", loss)
+
+
+def test_a_checkpoint_precedes_periodic_sampling_and_eval_and_resumes_exactly(
+    tmp_path, monkeypatch
+):
+    """Sampling and eval can outlast a preemption's grace period, so the step they follow is
+    saved first (even off the save_every grid); resuming from that checkpoint (with dropout:
+    the global RNG) ends exactly where a run that went on after sampling ends."""
+    config = dict(train__steps=4, train__save_every=100, train__sample_every=3, model__dropout=0.2)
+    seen = []
+    original = DiffusionTrainer.save_samples
+
+    def save_samples(self):
+        seen.append(
+            (self.step, os.path.exists(checkpoints.checkpoint_path(self.run_dir, self.step)))
+        )
+        return original(self)
+
+    monkeypatch.setattr(DiffusionTrainer, "save_samples", save_samples)
+    whole = main.train(tiny_config("digits", tmp_path / "a", **config), {}, SINGLE)
+    assert seen == [(3, True), (4, True)]
+    main.train(tiny_config("digits", tmp_path / "b", **config), {}, SINGLE, until=3)
+    run_dir = os.path.join(tmp_path, "b", "digits")
+    assert [step for step, _ in checkpoints.list_checkpoints(run_dir)] == [3]
+    resumed = main.train(tiny_config("digits", tmp_path / "b", **config), {}, SINGLE)
+    assert resumed.step == whole.step == 4
+    a = load(checkpoints.checkpoint_path(whole.run_dir, 4))
+    assert_same_weights(a, load(checkpoints.checkpoint_path(run_dir, 4)))
+
+
+def test_a_metrics_line_cut_off_by_a_crash_is_dropped_with_a_warning_on_resume(tmp_path, capsys):
+    """A run killed (or out of disk) while appending to metrics.jsonl leaves a torn last line;
+    the rerun says so in one line, drops it (and any line that is not a record), resumes, and
+    leaves a file whose every line is a record, one per step."""
+    config = dict(train__steps=4, train__save_every=2)
+    main.train(tiny_config("checkerboard", tmp_path, **config), {}, SINGLE, until=3)
+    path = os.path.join(tmp_path, "checkerboard", "metrics.jsonl")
+    with open(path, "a") as f:
+        f.write('[1, 2]\n{"step": 4, "time": 17')  # a non-record, then a torn append
+    capsys.readouterr()
+    trainer = main.train(tiny_config("checkerboard", tmp_path, **config), {}, SINGLE)
+    out = capsys.readouterr().out
+    assert f"warning: {path}: dropped 2 unreadable line(s), cut off while being written" in out
+    assert "resuming from" in out and "at step 2" in out
+    with open(path) as f:
+        assert [json.loads(line)["step"] for line in f] == [1, 2, 3, 4]
+    assert trainer.step == 4
 
 
 def test_non_finite_steps_change_nothing_and_are_counted(tmp_path, monkeypatch, capsys):
