@@ -335,19 +335,17 @@ def build_trainer(config, dist_info):
     say = print if dist_info.is_main else (lambda *a, **k: None)
     process = check_config(config, dist_info.world_size)
     run_dir = os.path.join(config.workdir, config.name)
-    run_lock, state, path = None, None, None
+    run_lock, state, path, refusal = None, None, None, None
     if dist_info.is_main:
-        run_lock = checkpoints.RunLock(run_dir).acquire()
-        stale = checkpoints.remove_stale_temporaries(run_dir)
-        if stale:
-            say(f"removed {len(stale)} half-written temporary file(s) of a dead run: {stale}")
-        state, path = checkpoints.load_newest_good(run_dir, set_aside=True, warn=say)
-        if state is None and had_corrupt_checkpoints(run_dir):
-            raise ValueError(
-                f"no checkpoint in {run_dir} could be loaded (all renamed to *.corrupt): move a "
-                f"good one back, or start a new run with --config.name=NEW"
-            )
-    path = utils.all_gather_objects(path)[0]  # every rank resumes from rank 0's choice
+        try:
+            run_lock, state, path = lock_and_find_checkpoint(run_dir, say)
+        except (ValueError, OSError) as e:
+            refusal = e
+    # Every rank resumes from rank 0's choice, or raises its error (none waits for rank 0 in a
+    # collective while rank 0 exits).
+    path, refusal = utils.all_gather_objects((path, refusal))[0]
+    if refusal is not None:
+        raise refusal
     if path is not None and not dist_info.is_main:
         state = checkpoints.load(path)
     if state is not None:
@@ -387,6 +385,23 @@ def build_trainer(config, dist_info):
         utils.atomic_write_json(config.to_dict(), os.path.join(run_dir, "config.json"))
         truncate_metrics(run_dir, trainer.step)
     return trainer
+
+
+def lock_and_find_checkpoint(run_dir, say):
+    """(lock, state, path): lock the run directory, remove a dead run's half-written files and
+    load its newest good checkpoint (state and path None for a new run); rank 0 only."""
+    run_lock = checkpoints.RunLock(run_dir).acquire()
+    stale = checkpoints.remove_stale_temporaries(run_dir)
+    if stale:
+        say(f"removed {len(stale)} half-written temporary file(s) of a dead run: {stale}")
+    state, path = checkpoints.load_newest_good(run_dir, set_aside=True, warn=say)
+    if state is None and had_corrupt_checkpoints(run_dir):
+        run_lock.release()
+        raise ValueError(
+            f"no checkpoint in {run_dir} could be loaded (all renamed to *.corrupt): move a "
+            f"good one back, or start a new run with --config.name=NEW"
+        )
+    return run_lock, state, path
 
 
 def had_corrupt_checkpoints(run_dir):

@@ -321,6 +321,26 @@ def free_port():
         return s.getsockname()[1]
 
 
+def test_a_refusal_on_rank_0_is_one_line_on_every_rank_with_two_processes(tmp_path):
+    """Rank 0 alone locks the run directory and picks the checkpoint; when it refuses (here:
+    every checkpoint corrupt), rank 1 raises the same error instead of waiting in a
+    collective for a rank that has exited: one error line, status 1, no traceback."""
+    run_dir = tmp_path / "digits"
+    run_dir.mkdir()
+    (run_dir / "ckpt_0000004.pt").write_bytes(b"not a checkpoint")
+    env = {"NPROC": "2", "MASTER_PORT": str(free_port())}
+    proc = start(["sh", "run.sh", *digits_flags(tmp_path, 4)], env=env)
+    out, err = proc.communicate(timeout=180)
+    assert proc.returncode == 1, out[-2000:] + err[-2000:]
+    errors = [line for line in (out + err).splitlines() if line.startswith("error:")]
+    assert errors == [
+        f"error: no checkpoint in {run_dir} could be loaded (all renamed to *.corrupt): move a "
+        "good one back, or start a new run with --config.name=NEW"
+    ]
+    assert "Traceback" not in err and "RuntimeError" not in err, err[-2000:]
+    assert (run_dir / "ckpt_0000004.pt.corrupt").exists()
+
+
 def test_slurm_signal_checkpoint_requeue_resume(tmp_path):
     """The batch shell gets SIGUSR1 (the --signal early warning): the 2 workers checkpoint, the
     job requeues itself, and the requeued job (the same command) resumes and finishes."""
