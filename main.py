@@ -446,15 +446,19 @@ def resume_line(config, saved, path, step):
 def train(config, overrides, dist_info, until=None):
     """--mode=train: train (or resume) the run ckpts/<name>/; returns the trainer."""
     del overrides  # already applied to `config` by the flags
-    trainer = build_trainer(config, dist_info)
+    stop = utils.StopRequest().install()  # a stop while building: checkpoint after one step
     try:
-        return run_training(trainer, config, dist_info, until)
+        trainer = build_trainer(config, dist_info)
+        try:
+            return run_training(trainer, config, dist_info, until, stop)
+        finally:
+            if trainer.run_lock is not None:
+                trainer.run_lock.release()
     finally:
-        if trainer.run_lock is not None:
-            trainer.run_lock.release()
+        stop.restore()
 
 
-def run_training(trainer, config, dist_info, until):
+def run_training(trainer, config, dist_info, until, stop=None):
     """Train (the loop), then say how it ended: done, or stopped by a signal with a checkpoint."""
     say = print if dist_info.is_main else (lambda *a, **k: None)
     n_params = sum(p.numel() for p in trainer.net.parameters())
@@ -483,7 +487,7 @@ def run_training(trainer, config, dist_info, until):
     if trainer.step >= config.train.steps:
         say(f"nothing to do: step {trainer.step} >= train.steps={config.train.steps}")
     else:
-        trainer.train(logger_factory, until)
+        trainer.train(logger_factory, until, stop)
     if trainer.stopped:
         reason, path = trainer.stopped
         say(

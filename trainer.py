@@ -254,10 +254,11 @@ class DiffusionTrainer:
     # -----------------------------------------------------------------------------------------
     # The loop.
     # -----------------------------------------------------------------------------------------
-    def train(self, logger_factory, until=None):
+    def train(self, logger_factory, until=None, stop=None):
         """Train from self.step to train.steps (or to step `until`, as if interrupted there).
         `logger_factory(run_id)` makes the metrics logger (after a resume, so that wandb
-        continues the same run).
+        continues the same run). `stop`: an installed utils.StopRequest, when the caller's
+        (one that also covers the building of the trainer); else one installed here.
 
         A stop signal (utils.STOP_SIGNALS) or the launcher's death ends the run after the
         current step with a checkpoint: `self.stopped` = (reason, path). Too many consecutive
@@ -273,7 +274,8 @@ class DiffusionTrainer:
         loss_acc, norm_acc, good_acc = zero.clone(), zero.clone(), zero.clone()
         tic, step_at_tic, skipped_at_log = time.time(), self.step, int(self.skipped_steps.item())
         watch_parent = "TORCHELASTIC_RUN_ID" in os.environ  # launched by torchrun
-        stop = utils.StopRequest().install()
+        own_stop = stop is None
+        stop = utils.StopRequest().install() if own_stop else stop
         try:
             while self.step < until:
                 loss, grad_norm, skipped, stop_flag = self.train_step(stop.requested(watch_parent))
@@ -323,7 +325,8 @@ class DiffusionTrainer:
                         self.ema, self.run_dir, c.ema_snapshot_every, utils.atomic_torch_save
                     )
         finally:
-            stop.restore()
+            if own_stop:
+                stop.restore()
             bar.close()
             logger.close()
 

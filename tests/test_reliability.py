@@ -173,6 +173,33 @@ def test_the_launcher_says_when_it_killed_workers_after_the_shutdown_timeout(tmp
     assert "Traceback" not in err
 
 
+def test_a_stop_signal_while_the_trainer_is_built_stops_after_one_step(
+    tmp_path, monkeypatch, capsys
+):
+    """SIGTERM while the data and model are still being built (before the loop's own handler):
+    recorded, not fatal; the run takes one step, checkpoints and says so in its one line."""
+    build = main.build_trainer
+
+    def signalled_build(*args):
+        os.kill(os.getpid(), signal.SIGTERM)
+        return build(*args)
+
+    def unhandled(signum, frame):
+        raise AssertionError("the SIGTERM reached the previous handler")
+
+    monkeypatch.setattr(main, "build_trainer", signalled_build)
+    previous = signal.signal(signal.SIGTERM, unhandled)
+    try:
+        trainer = main.train(tiny_config("digits", tmp_path, train__steps=4), {}, SINGLE)
+        assert signal.getsignal(signal.SIGTERM) is unhandled  # restored
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    path = checkpoints.checkpoint_path(trainer.run_dir, 1)
+    assert trainer.step == 1 and trainer.stopped == ("SIGTERM", path)
+    assert load(path)["step"] == 1
+    assert stop_line(capsys.readouterr().out).startswith("stopped by SIGTERM at step 1; ")
+
+
 def test_kill_9_of_the_launcher_stops_the_workers_with_a_checkpoint(tmp_path):
     """`kill -9` of run.sh's launcher (2 workers): the workers get SIGTERM from the kernel
     (parent-death signal), agree, checkpoint and exit instead of training on orphaned."""
