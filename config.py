@@ -536,6 +536,7 @@ def _non_empty_path(v):
     return isinstance(v, str) and bool(v.strip()) and "\0" not in v
 
 
+MAX_SAMPLES = 10**8
 POSITIVE = _int_at_least(1, "positive (an integer >= 1)")
 NON_NEGATIVE = _int_at_least(0)
 SEED = (lambda v: _is_int(v) and 0 <= v < MAX_SEED), "an integer in [0, 2**63)"
@@ -613,12 +614,26 @@ VALUE_RULES = {
     "train.meanflow_curriculum": UNIT,
     "sample.steps": POSITIVE,
     "sample.diffusion_scale": NON_NEGATIVE_REAL,
-    "sample.rtol": POSITIVE_REAL,
-    "sample.atol": POSITIVE_REAL,
+    "sample.rtol": _number_in(1e-12),  # dopri5 cannot reach a tighter one in float32
+    "sample.atol": _number_in(1e-12),
+    "sample.s_churn": NON_NEGATIVE_REAL,
+    "sample.s_noise": NON_NEGATIVE_REAL,
+    "sample.consistency_levels": _tuple_of(
+        POSITIVE_REAL, "a tuple of positive noise levels, e.g. (80.0, 0.8), or ()"
+    ),
+    "prediction.min_snr_gamma": POSITIVE_REAL,
+    "time_sampler.p_std": POSITIVE_REAL,
+    "train.meanflow_c": POSITIVE_REAL,
+    "train.meanflow_time_scale": POSITIVE_REAL,
+    "train.consistency_s_min": POSITIVE_REAL,
+    "train.consistency_s_max": POSITIVE_REAL,
+    "train.consistency_p_std": POSITIVE_REAL,
+    "train.consistency_s0": POSITIVE,
+    "train.consistency_s1": POSITIVE,
     "sample.guidance_scale": FINITE,
     "sample.guidance_interval": (_pair_in_unit_interval, "a pair (lo, hi) with 0 <= lo <= hi <= 1"),
     "sample.clip_percentile": _number_in(0, 1, low_open=True),
-    "sample.num": POSITIVE,
+    "sample.num": (lambda v: _is_int(v) and 1 <= v <= MAX_SAMPLES, "an integer in [1, 10**8]"),
     "sample.batch_size": POSITIVE,
     "sample.seed": SEED,
     "sample.t_min": TIME,
@@ -731,8 +746,24 @@ def _eval_sample_count(c, world_size):
     return None
 
 
+def _consistency_ranges(c, world_size):
+    t = c.train
+    if not t.consistency_s_min < t.consistency_s_max:
+        return (
+            f"train.consistency_s_min={t.consistency_s_min} must be below "
+            f"train.consistency_s_max={t.consistency_s_max}"
+        )
+    if t.consistency_s1 < t.consistency_s0:
+        return (
+            f"train.consistency_s1={t.consistency_s1} must be >= train.consistency_s0="
+            f"{t.consistency_s0} (the discretisation doubles from s0 up to s1)"
+        )
+    return None
+
+
 CROSS_CHECKS = (
     _batch_divisible,
+    _consistency_ranges,
     _unet_downsampling,
     _unet_attention_heads,
     _dit_patches,

@@ -107,6 +107,8 @@ NETWORKS = {
         time_inputs=m.time_inputs,
     ),
 }
+# What each network takes: images (C, H, W) or points (D,).
+NETWORK_DATA = {"unet": "images", "dit": "images", "mlp": "points"}
 BASES = ("gaussian", *data_utils.TOY_SETS)
 
 
@@ -155,6 +157,13 @@ def check_combinations(config, process, world_size=1):
     where = (
         f"process.base={base}" if base != "gaussian" else f"process.gamma={config.process.gamma}"
     )
+    kind = "points" if config.data.name in data_utils.TOY_SETS else "images"
+    if NETWORK_DATA[config.model.name] != kind:
+        fits = sorted(name for name, takes in NETWORK_DATA.items() if takes == kind)
+        raise ValueError(
+            f"model.name={config.model.name} takes {NETWORK_DATA[config.model.name]}, but "
+            f"data.name={config.data.name} holds {kind}: use model.name in {fits}"
+        )
     if base != "gaussian" and config.data.name not in data_utils.TOY_SETS:
         raise ValueError(
             f"process.base={base} needs 2-D data; data.name={config.data.name} is "

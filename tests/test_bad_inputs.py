@@ -42,6 +42,61 @@ NAME_RULE = "a non-empty directory name inside workdir: no '/', '\\', '..' or co
 
 # (preset, key, value, the one line it gives)
 BAD_VALUES = [
+    (
+        "checkerboard",
+        "data.name",
+        "digits",
+        "model.name=mlp takes points, but data.name=digits holds images: use model.name in "
+        "['dit', 'unet']",
+    ),
+    (
+        "digits",
+        "data.name",
+        "moons",
+        "model.name=unet takes images, but data.name=moons holds points: use model.name in ['mlp']",
+    ),
+    (
+        "digits_consistency",
+        "train.consistency_s0",
+        0,
+        "train.consistency_s0=0 must be positive (an integer >= 1)",
+    ),
+    (
+        "digits_consistency",
+        "train.consistency_s1",
+        5,
+        "train.consistency_s1=5 must be >= train.consistency_s0=10 (the discretisation doubles "
+        "from s0 up to s1)",
+    ),
+    (
+        "digits_consistency",
+        "train.consistency_s_max",
+        0.001,
+        "train.consistency_s_min=0.002 must be below train.consistency_s_max=0.001",
+    ),
+    (
+        "digits",
+        "prediction.min_snr_gamma",
+        -1.0,
+        "prediction.min_snr_gamma=-1.0 must be a finite number > 0",
+    ),
+    ("digits", "time_sampler.p_std", 0.0, "time_sampler.p_std=0.0 must be a finite number > 0"),
+    (
+        "digits",
+        "train.meanflow_time_scale",
+        0.0,
+        "train.meanflow_time_scale=0.0 must be a finite number > 0",
+    ),
+    ("digits", "sample.s_churn", -1.0, "sample.s_churn=-1.0 must be a finite number >= 0"),
+    (
+        "digits",
+        "sample.consistency_levels",
+        (-1.0,),
+        "sample.consistency_levels=(-1.0,) must be a tuple of positive noise levels, e.g. "
+        "(80.0, 0.8), or ()",
+    ),
+    ("digits", "sample.num", 10**8 + 1, "sample.num=100000001 must be an integer in [1, 10**8]"),
+    ("digits", "sample.rtol", 1e-300, "sample.rtol=1e-300 must be a finite number >= 1e-12"),
     ("digits", "train.grad_clip", -1.0, "train.grad_clip=-1.0 must be a finite number >= 0"),
     ("digits", "train.grad_clip", NAN, "train.grad_clip=nan must be a finite number >= 0"),
     ("digits", "train.keep_ckpts", 0, "train.keep_ckpts=0 must be positive (an integer >= 1)"),
@@ -100,9 +155,9 @@ BAD_VALUES = [
         (0.0, 1.5),
         "sample.guidance_interval=(0.0, 1.5) must be a pair (lo, hi) with 0 <= lo <= hi <= 1",
     ),
-    ("digits", "sample.rtol", 0.0, "sample.rtol=0.0 must be a finite number > 0"),
-    ("digits", "sample.atol", -1e-5, "sample.atol=-1e-05 must be a finite number > 0"),
-    ("digits", "sample.num", 0, "sample.num=0 must be positive (an integer >= 1)"),
+    ("digits", "sample.rtol", 0.0, "sample.rtol=0.0 must be a finite number >= 1e-12"),
+    ("digits", "sample.atol", -1e-5, "sample.atol=-1e-05 must be a finite number >= 1e-12"),
+    ("digits", "sample.num", 0, "sample.num=0 must be an integer in [1, 10**8]"),
     ("digits", "sample.batch_size", 0, "sample.batch_size=0 must be positive (an integer >= 1)"),
     ("digits", "sample.steps", -1, "sample.steps=-1 must be positive (an integer >= 1)"),
     (
@@ -198,6 +253,9 @@ def test_bad_value_is_one_line_naming_key_value_and_rule(preset, key, value, exp
 
 # Values that look odd but are valid: the rules must not be stricter than the code needs.
 EDGE_VALUES = [
+    ("sample.num", 10**8),
+    ("sample.consistency_levels", ()),
+    ("sample.s_noise", 0.0),
     ("train.grad_clip", 0.0),  # 0 disables clipping
     ("train.ema_decay", 0.0),
     ("train.ema_decay", 1.0),
