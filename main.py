@@ -344,6 +344,7 @@ def build_trainer(config, dist_info):
     say = print if dist_info.is_main else (lambda *a, **k: None)
     process = check_config(config, dist_info.world_size)
     run_dir = os.path.join(config.workdir, config.name)
+    dataset = build_dataset(config, dist_info)  # missing data: no run directory made
     run_lock, state, path, refusal = None, None, None, None
     if dist_info.is_main:
         try:
@@ -362,7 +363,6 @@ def build_trainer(config, dist_info):
         init = None
     else:
         init = init_from_state(config.train.init_from)
-    dataset = build_dataset(config, dist_info)
     ts = config.time_sampler
     time_sampler = time_samplers.build_time_sampler(
         ts.name,
@@ -784,8 +784,11 @@ def existing_parent(path):
 
 def os_error_line(e):
     """One line for a failed file operation (disk full, read-only, permissions)."""
-    where = e.filename if e.filename else "a file"
-    return f"{where}: {e.strerror or e} (check free space and permissions there; rerun resumes)"
+    if not e.filename:  # a message of this codebase's (missing data files, say): complete
+        return str(e)
+    return (
+        f"{e.filename}: {e.strerror or e} (check free space and permissions there; rerun resumes)"
+    )
 
 
 def main(argv):

@@ -143,7 +143,13 @@ def _atomic_write(path, write):
     fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix=os.path.basename(path))
     try:
         with os.fdopen(fd, "wb") as f:
-            write(f)
+            try:
+                write(f)
+            except RuntimeError as e:  # torch.save's report of a failed write (a full disk)
+                failed = e.__cause__ or e.__context__
+                if isinstance(failed, OSError):
+                    raise OSError(failed.errno, failed.strerror, path) from e
+                raise
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)

@@ -1,6 +1,8 @@
 """Cluster-grade reliability: stop signals, a dead launcher, SLURM requeue, trustworthy
 checkpoints, non-finite and divergent steps, resuming with a changed config, the run lock."""
 
+import errno
+import io
 import json
 import math
 import os
@@ -12,6 +14,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from unittest import mock
 
 import numpy as np
 import pytest
@@ -678,11 +681,42 @@ def test_init_from_loads_weights_only_and_checks_shapes(tmp_path):
         main.build_trainer(wider, SINGLE)
 
 
+def test_a_full_disk_while_saving_a_checkpoint_is_an_os_error_naming_the_file(tmp_path):
+    """torch.save reports a failed write (ENOSPC) as a RuntimeError; the atomic save turns it
+    back into the OSError (main prints it as one line naming the checkpoint), removes its
+    temporary file and leaves the previous checkpoint whole."""
+    path = tmp_path / "ckpt_0000002.pt"
+    utils.atomic_torch_save({"w": torch.ones(3)}, str(path))
+
+    class FullDisk(io.FileIO):
+        written = 0
+
+        def write(self, data):
+            FullDisk.written += len(data)
+            if FullDisk.written > 1000:
+                raise OSError(errno.ENOSPC, "No space left on device")
+            return super().write(data)
+
+    real_fdopen = os.fdopen
+
+    def fdopen(fd, mode="r", *args, **kwargs):
+        return FullDisk(fd, "wb") if mode == "wb" else real_fdopen(fd, mode, *args, **kwargs)
+
+    with mock.patch.object(os, "fdopen", fdopen), pytest.raises(OSError) as info:
+        utils.atomic_torch_save({"w": torch.randn(10_000)}, str(path))
+    assert (info.value.errno, info.value.filename) == (errno.ENOSPC, str(path))
+    assert main.os_error_line(info.value).startswith(f"{path}: No space left on device (")
+    assert sorted(os.listdir(tmp_path)) == ["ckpt_0000002.pt"]
+    assert torch.equal(torch.load(path, weights_only=True)["w"], torch.ones(3))
+
+
 def test_os_error_is_one_line():
     e = OSError(28, "No space left on device", "ckpts/x/.tmp-1ckpt_0000002.pt")
     line = main.os_error_line(e)
     assert line.startswith("ckpts/x/.tmp-1ckpt_0000002.pt: No space left on device")
     assert "\n" not in line
+    message = "mnist: missing data/mnist/train-images-idx3-ubyte(.gz); download them from ..."
+    assert main.os_error_line(FileNotFoundError(message)) == message  # no file: its own words
 
 
 def test_checkpoint_loads_with_weights_only_and_restores_every_rng(tmp_path):
