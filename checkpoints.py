@@ -116,9 +116,21 @@ def validate(state, path):
                 f"{path}: key {key!r} is a {type(state[key]).__name__}, expected {kind.__name__}"
             )
     try:
-        json.loads(state["config"])
+        config = json.loads(state["config"])
     except ValueError:
         raise CheckpointError(f"{path}: the stored config is not valid JSON") from None
+    if not isinstance(config, dict):
+        raise CheckpointError(f"{path}: the stored config is a {type(config).__name__}, not a dict")
+    info = state["data_info"]
+    if not (
+        isinstance(info.get("shape"), (list, tuple))
+        and all(isinstance(n, int) and n > 0 for n in info["shape"])
+        and isinstance(info.get("num_classes"), int)
+        and isinstance(info.get("kind"), str)
+    ):
+        raise CheckpointError(f"{path}: data_info lacks a shape, num_classes or kind")
+    if not isinstance(state["ema"].get("model"), dict):
+        raise CheckpointError(f"{path}: the EMA holds no weights (key 'model')")
     for name, value in state["model"].items():
         if torch.is_tensor(value) and value.is_floating_point() and not value.isfinite().all():
             raise CheckpointError(f"{path}: weight {name!r} is not finite")

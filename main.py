@@ -556,7 +556,10 @@ def load_for_sampling(config_overrides, dist_info, ckpt=None, evaluating=None):
     process = check_config(config, dist_info.world_size, evaluating=evaluating)
     info = state["data_info"]
     net = build_net(config, info).to(dist_info.device)
-    net.load_state_dict(state["ema"]["model"] if config.sample.use_ema else state["model"])
+    weights = state["ema"]["model"] if config.sample.use_ema else state["model"]
+    hint = "its weights and its stored config disagree (an edited or mixed file)"
+    trainer_lib.check_same_shapes(net.state_dict(), weights, path, hint)
+    net.load_state_dict(weights)
     num_classes = info["num_classes"] if config.model.class_conditional else 0
     return config, process, net.eval(), info, num_classes, state, path
 

@@ -505,11 +505,11 @@ class DiffusionTrainer:
         (optimizer, schedule, step, data order) starts fresh. One line on a shape mismatch."""
         pairs = ((self.net, state["model"]), (self.ema.model, state["ema"]["model"]))
         for module, weights in pairs:
-            check_same_shapes(module.state_dict(), weights, source)
+            check_same_shapes(module.state_dict(), weights, f"train.init_from={source}")
             module.load_state_dict(weights)
 
 
-def check_same_shapes(own, other, source):
+def check_same_shapes(own, other, source, hint="use the same model.* settings as that run"):
     """ValueError (one line) unless `other` has exactly the tensors of `own`, shape for shape."""
     missing = sorted(set(own) - set(other))
     extra = sorted(set(other) - set(own))
@@ -524,10 +524,7 @@ def check_same_shapes(own, other, source):
             for label, items in (("missing", missing), ("unexpected", extra), ("shape", wrong))
             if items
         )
-        raise ValueError(
-            f"train.init_from={source}: its weights do not fit this model ({details}); use the "
-            f"same model.* settings as that run"
-        )
+        raise ValueError(f"{source}: its weights do not fit this model ({details}); {hint}")
 
 
 # ---------------------------------------------------------------------------------------------

@@ -411,6 +411,33 @@ class RunsCode:
         return (open, (self.marker, "w"))
 
 
+@pytest.mark.parametrize(
+    "damage, expected",
+    [
+        (lambda s: s.update(config="[]"), "the stored config is a list, not a dict"),
+        (lambda s: s.update(data_info={}), "data_info lacks a shape, num_classes or kind"),
+        (lambda s: s.update(ema={}), "the EMA holds no weights (key 'model')"),
+        (
+            lambda s: s["ema"]["model"].update(extra=torch.zeros(2)),
+            "its weights do not fit this model (unexpected: extra); its weights and its stored "
+            "config disagree (an edited or mixed file)",
+        ),
+    ],
+)
+def test_a_damaged_checkpoint_is_one_line_for_sampling(tmp_path, damage, expected):
+    """Keys that load but hold the wrong things (an edited or mixed checkpoint) are refused with
+    one line naming the file, for sampling as for resuming; no AttributeError, KeyError or
+    load_state_dict traceback."""
+    trainer = main.train(tiny_config("checkerboard", tmp_path, train__steps=1), {}, SINGLE)
+    state = load(checkpoints.find_latest(trainer.run_dir))
+    damage(state)
+    path = tmp_path / "damaged.pt"
+    torch.save(state, path)
+    with pytest.raises(ValueError) as info:
+        main.load_for_sampling({}, SINGLE, ckpt=str(path), evaluating=False)
+    assert str(info.value).startswith(f"{path}") and str(info.value).endswith(expected)
+
+
 def test_crafted_pickle_is_never_executed(tmp_path):
     marker = tmp_path / "pwned"
     evil = tmp_path / "evil.pt"
