@@ -529,16 +529,21 @@ def load_checkpoint(path):
     return checkpoints.resolve(path, warn=lambda line: print(line, file=sys.stderr))
 
 
+# Where the data is (not what it is): may change between the run and its evaluation.
+DATA_LOCATION_KEYS = ("data.root", "data.path", "data.num_workers")
+
+
 def checkpoint_config(state, overrides):
-    """The checkpoint's config with the command line's --config.sample.* / eval.* overrides.
+    """The checkpoint's config with the command line's --config.sample.* / eval.* / logging.*
+    overrides and the data's location (DATA_LOCATION_KEYS).
 
     The sampling time range is re-resolved for the sampler now asked for, unless given."""
     config = config_lib.with_defaults(checkpoints.config_of(state))
     for key in overrides:
-        if not key.startswith(("sample.", "eval.", "logging.")):
+        if not (key.startswith(("sample.", "eval.", "logging.")) or key in DATA_LOCATION_KEYS):
             raise ValueError(
-                f"--config.{key}: only --config.sample.* and --config.eval.* overrides apply "
-                f"to a checkpoint"
+                f"--config.{key}: only --config.sample.*, eval.*, logging.* and "
+                f"{', '.join(DATA_LOCATION_KEYS)} overrides apply to a checkpoint"
             )
     config_lib.set_values(config, overrides)
     for key in ("t_min", "t_max"):
