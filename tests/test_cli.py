@@ -198,3 +198,27 @@ def test_main_runs_from_another_directory(tmp_path):
     )
     assert result.returncode == 1
     assert result.stderr.startswith("error: config key 'train.stepz' does not exist")
+
+
+@pytest.mark.parametrize(
+    "variable, value, valid",
+    [
+        ("NPROC", "abc", "[1, 1024]"),
+        ("NPROC", "0", "[1, 1024]"),
+        ("NNODES", "-1", "[1, 100000]"),
+        ("NODE_RANK", "1", "[0, 0]"),  # one node: only rank 0
+        ("MASTER_PORT", "70000", "[1, 65535]"),
+        ("SHUTDOWN_TIMEOUT", "1.5", "[0, 86400]"),
+    ],
+)
+def test_run_sh_checks_its_launch_variables_first(variable, value, valid):
+    result = subprocess.run(
+        ["sh", "run.sh", "--mode=info", "--ckpt=x"],
+        cwd=ROOT,
+        env={**os.environ, variable: value},
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == 1 and result.stdout == ""
+    assert result.stderr == f"error: {variable}={value} must be a whole number in {valid}\n"
