@@ -14,6 +14,7 @@ import os
 import re
 import socket
 import time
+import warnings
 
 import torch
 
@@ -86,7 +87,9 @@ def load(path, map_location="cpu"):
     if os.path.getsize(path) == 0:
         raise CheckpointError(f"{path} is empty, not a checkpoint")
     try:
-        state = torch.load(path, map_location=map_location, weights_only=True)
+        with warnings.catch_warnings():  # torch's notes on foreign pickles: the line says it all
+            warnings.simplefilter("ignore")
+            state = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as e:  # torch raises many types for truncated / foreign / unsafe files
         raise CheckpointError(f"{path} is not a readable checkpoint ({load_failure(e)})") from None
     validate(state, path)
@@ -96,11 +99,14 @@ def load(path, map_location="cpu"):
 def load_failure(error):
     """A short reason from torch.load's (often multi-paragraph) error."""
     text = str(error).strip()
-    marker = "WeightsUnpickler error:"
-    if marker in text:
-        detail = text.split(marker, 1)[1].strip().split(". ")[0].split("\n")[0]
-        return f"it holds objects other than tensors and plain data, never loaded: {detail}"
-    first = text.split("\n")[0].split(". ")[0] if text else type(error).__name__
+    if "Weights only load failed" in text or "WeightsUnpickler error:" in text:
+        found = re.search(r"GLOBAL ([\w.]+)", text)
+        if found:
+            return f"it holds objects other than tensors and plain data ({found[1]}), never loaded"
+        return "not a file torch can load safely, never loaded"
+    if isinstance(error, KeyError) or not text:  # a record torch expected is not there
+        return "truncated or not a torch file"
+    first = text.split("\n")[0].split(". ")[0]
     return f"truncated or not a torch file: {first[:120]}"
 
 
