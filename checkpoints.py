@@ -173,18 +173,19 @@ def unused_name(path):
     return candidate
 
 
-def resolve(path, warn=print):
-    """(state, path) of a --ckpt argument: a checkpoint file, or the newest good checkpoint of a
-    run directory (bad ones reported, not moved: the run may be live). One line on failure."""
+def resolve(path, warn=print, flag="--ckpt"):
+    """(state, path) of a --ckpt argument (or of the setting `flag`): a checkpoint file, or the
+    newest good checkpoint of a run directory (bad ones reported, not moved: the run may be
+    live). One line on failure."""
     if path is None:
         raise ValueError("--ckpt is required in this mode: a checkpoint file or a run directory")
     if os.path.isdir(path):
         state, found = load_newest_good(path, set_aside=False, warn=warn)
         if state is None:
-            raise CheckpointError(f"--ckpt={path}: no loadable ckpt_*.pt in this directory")
+            raise CheckpointError(f"{flag}={path}: no loadable ckpt_*.pt in this directory")
         return state, found
     if not os.path.exists(path):
-        raise CheckpointError(f"--ckpt={path}: no such file")
+        raise CheckpointError(f"{flag}={path}: no such file")
     return load(path), path
 
 

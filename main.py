@@ -423,8 +423,10 @@ def init_from_state(source):
     if not source:
         return None
     try:
-        return checkpoints.resolve(source)
+        return checkpoints.resolve(source, flag="train.init_from")
     except ValueError as e:
+        if str(e).startswith("train.init_from="):
+            raise
         raise ValueError(f"train.init_from: {e}") from None
 
 

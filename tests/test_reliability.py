@@ -714,6 +714,11 @@ def test_init_from_loads_weights_only_and_checks_shapes(tmp_path):
     wider.train.init_from = source.run_dir
     with pytest.raises(ValueError, match="its weights do not fit this model .*shape: "):
         main.build_trainer(wider, SINGLE)
+    missing = tiny_config("checkerboard", tmp_path / "d", train__steps=2)
+    missing.train.init_from = str(tmp_path / "nowhere")
+    with pytest.raises(ValueError) as info:
+        main.build_trainer(missing, SINGLE)
+    assert str(info.value) == f"train.init_from={tmp_path / 'nowhere'}: no such file"
 
 
 def test_a_full_disk_while_saving_a_checkpoint_is_an_os_error_naming_the_file(tmp_path):
