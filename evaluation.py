@@ -557,7 +557,7 @@ def _classifier_problem(dataset_name: str) -> str | None:
         f"eval.feature_extractor=classifier has no classifier for data.name={dataset_name} "
         f"(classifiers exist for {sorted(CLASSIFIER_RECIPES)}): use "
         f"eval.feature_extractor=inception (torch-fidelity or clean-fid with its weights on "
-        f"disk), or train.eval_every=0 to skip evaluation"
+        f"disk); when training, train.eval_every=0 trains without evaluating"
     )
 
 
@@ -568,8 +568,8 @@ def _inception_problem(dataset_name: str) -> str | None:
     return (
         f"eval.feature_extractor=inception is unavailable ({reason}); nothing is downloaded "
         f"here: install torch-fidelity or clean-fid with its weights, or use "
-        f"eval.feature_extractor=classifier (for {sorted(CLASSIFIER_RECIPES)}), or "
-        f"train.eval_every=0 to skip evaluation"
+        f"eval.feature_extractor=classifier (for {sorted(CLASSIFIER_RECIPES)}); "
+        f"when training, train.eval_every=0 trains without evaluating"
     )
 
 

@@ -802,7 +802,8 @@ def os_error_line(e):
 
 
 def main(argv):
-    del argv
+    if len(argv) > 1:
+        fail(f"unexpected argument(s) {argv[1:]}: every option is a flag, e.g. --mode=sample")
     overrides = config_flags.get_override_values(FLAGS["config"])
     if "TORCHELASTIC_RUN_ID" in os.environ:  # under torchrun: stop if the launcher dies
         utils.die_with_parent()

@@ -387,7 +387,10 @@ def dopri5(f, x, grid, callback=None, rtol=1e-5, atol=1e-5, max_attempts=100_000
                 break
             attempts += 1
             if attempts > max_attempts:
-                raise RuntimeError(f"dopri5: no progress after {max_attempts} attempted steps")
+                raise ValueError(
+                    f"dopri5: no progress after {max_attempts} attempted steps: loosen "
+                    f"sample.rtol / sample.atol, or use a fixed-step solver (sample.solver=heun)"
+                )
             step = torch.where(active, torch.minimum(h, remaining), torch.zeros_like(h))
             x_new, error, k_new = _dopri5_attempt(f, x, t, k1, direction * step)
             scale = atol + rtol * torch.maximum(x.abs(), x_new.abs())

@@ -42,6 +42,10 @@ def last_line(text):
         (["--config=nope.py:digits"], "--config=nope.py:digits: no such config file; use"),
         (["--ckpt=ckpts/old"], "pass --config.train.init_from=ckpts/old"),
         (["--mode=sample", "--ckpt=x", "--out=README.md"], "--out=README.md is a file"),
+        (
+            ["--config=config.py:digits", "train"],
+            "unexpected argument(s) ['train']: every option is a flag, e.g. --mode=sample",
+        ),
     ],
 )
 def test_bad_flags_fail_with_one_line_before_work(tmp_path, args, expected):

@@ -32,6 +32,15 @@ def test_dopri5_meets_its_tolerance_and_counts_nfe():
     assert 6 <= nfes[0] < nfes[1] < nfes[2], nfes
 
 
+def test_dopri5_that_cannot_meet_its_tolerance_says_which_settings_to_change():
+    """A tolerance float32 cannot reach stops after max_attempts with one line (a ValueError,
+    which main prints as `error: ...`) naming sample.rtol / sample.atol, not a traceback."""
+    field = lambda x, t: torch.cos(40 * x) * 50  # noqa: E731  (fast, oscillating)
+    grid = torch.tensor([1.0, 0.0])
+    with pytest.raises(ValueError, match=r"^dopri5: no progress after 50 attempted steps: loosen "):
+        sampling.dopri5(field, torch.ones(4, 2), grid, rtol=1e-12, atol=1e-12, max_attempts=50)
+
+
 @pytest.mark.parametrize("solver", ["heun_sde", "euler_maruyama"])
 @pytest.mark.parametrize("diffusion", ["decreasing", "process"])
 @pytest.mark.usefixtures("float64")
