@@ -497,6 +497,10 @@ def run_training(trainer, config, dist_info, until, stop=None):
 
     if trainer.step >= config.train.steps:
         say(f"nothing to do: step {trainer.step} >= train.steps={config.train.steps}")
+        final = os.path.join(trainer.run_dir, f"samples_{trainer.step:07d}.png")
+        if not os.path.exists(final):  # a stop came at the last step, before its samples
+            say(f"writing the final samples {final}")
+            trainer.save_samples()
     else:
         trainer.train(logger_factory, until, stop)
     if trainer.stopped:

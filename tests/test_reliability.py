@@ -181,7 +181,8 @@ def test_a_stop_signal_while_the_trainer_is_built_stops_after_one_step(
     tmp_path, monkeypatch, capsys
 ):
     """SIGTERM while the data and model are still being built (before the loop's own handler):
-    recorded, not fatal; the run takes one step, checkpoints and says so in its one line."""
+    recorded, not fatal; the run takes one step, checkpoints and says so in its one line. That
+    step is the last, so its samples are missing until the rerun writes them."""
     build = main.build_trainer
 
     def signalled_build(*args):
@@ -194,7 +195,7 @@ def test_a_stop_signal_while_the_trainer_is_built_stops_after_one_step(
     monkeypatch.setattr(main, "build_trainer", signalled_build)
     previous = signal.signal(signal.SIGTERM, unhandled)
     try:
-        trainer = main.train(tiny_config("digits", tmp_path, train__steps=4), {}, SINGLE)
+        trainer = main.train(tiny_config("digits", tmp_path, train__steps=1), {}, SINGLE)
         assert signal.getsignal(signal.SIGTERM) is unhandled  # restored
     finally:
         signal.signal(signal.SIGTERM, previous)
@@ -202,6 +203,18 @@ def test_a_stop_signal_while_the_trainer_is_built_stops_after_one_step(
     assert trainer.step == 1 and trainer.stopped == ("SIGTERM", path)
     assert load(path)["step"] == 1
     assert stop_line(capsys.readouterr().out).startswith("stopped by SIGTERM at step 1; ")
+    # At the last step the stop comes before that step's samples; the rerun, with no step
+    # left, writes them, so that a finished run always ends with its final samples.
+    final = os.path.join(trainer.run_dir, "samples_0000001.png")
+    assert not os.path.exists(final)
+    monkeypatch.setattr(main, "build_trainer", build)
+    rerun = main.train(tiny_config("digits", tmp_path, train__steps=1), {}, SINGLE)
+    assert rerun.step == 1 and os.path.exists(final)
+    out = capsys.readouterr().out
+    assert (
+        "nothing to do: step 1 >= train.steps=1" in out
+        and f"writing the final samples {final}" in out
+    )
 
 
 def test_kill_9_of_the_launcher_stops_the_workers_with_a_checkpoint(tmp_path):
