@@ -18,6 +18,7 @@ import warnings
 
 import torch
 
+import ema
 import utils
 
 CKPT_PATTERN = re.compile(r"ckpt_(\d+)\.pt$")
@@ -192,10 +193,12 @@ def resolve(path, warn=print, flag="--ckpt"):
 def remove_stale_temporaries(run_dir):
     """Delete half-written `.tmp-*` files left by a process that died while saving (call with
     the run lock held, so no live writer owns them). Returns their names."""
-    stale = sorted(glob.glob(os.path.join(glob.escape(run_dir), TMP_PREFIX + "*")))
+    stale = []
+    for folder in (run_dir, os.path.join(run_dir, ema.SNAPSHOT_DIR)):
+        stale += sorted(glob.glob(os.path.join(glob.escape(folder), TMP_PREFIX + "*")))
     for path in stale:
         os.remove(path)
-    return [os.path.basename(p) for p in stale]
+    return [os.path.relpath(p, run_dir) for p in stale]
 
 
 # ---------------------------------------------------------------------------------------------

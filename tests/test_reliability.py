@@ -519,6 +519,8 @@ def test_corrupt_newest_checkpoint_is_set_aside(tmp_path, four_steps, kind, reas
         shutil.copy(four_steps / name, run_dir / name)
     corrupt(run_dir / "ckpt_0000004.pt", kind)
     (run_dir / ".tmp-abc123ckpt_0000006.pt").write_bytes(b"half written")
+    (run_dir / "ema_snapshots").mkdir()
+    (run_dir / "ema_snapshots" / ".tmp-x1ema_0000006.pt").write_bytes(b"half written")
     messages = []
     state, path = checkpoints.load_newest_good(str(run_dir), warn=messages.append)
     assert state["step"] == 2 and path == str(run_dir / "ckpt_0000002.pt")
@@ -527,10 +529,12 @@ def test_corrupt_newest_checkpoint_is_set_aside(tmp_path, four_steps, kind, reas
         ".tmp-abc123ckpt_0000006.pt",
         "ckpt_0000002.pt",
         "ckpt_0000004.pt.corrupt",
+        "ema_snapshots",
     ]
     resumed = main.build_trainer(tiny_config("digits", tmp_path / "runs", train__steps=4), SINGLE)
     assert resumed.step == 2
-    assert ".tmp-abc123ckpt_0000006.pt" not in os.listdir(run_dir)  # stale temporary removed
+    assert ".tmp-abc123ckpt_0000006.pt" not in os.listdir(run_dir)  # stale temporaries removed
+    assert os.listdir(run_dir / "ema_snapshots") == []
     resumed.run_lock.release()
 
 
