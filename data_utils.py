@@ -680,8 +680,9 @@ class InfiniteLoader:
         self.batches_per_epoch = len(self.sampler) // batch_size
         if self.batches_per_epoch == 0:
             raise ValueError(
-                f"batch_size {batch_size} x world_size {world_size} exceeds the "
-                f"dataset size {len(dataset)}"
+                f"a micro-batch of {batch_size} (train.batch_size / train.grad_accum / processes) "
+                f"x {world_size} process(es) exceeds the dataset size {len(dataset)}: lower "
+                f"train.batch_size or use more data (data.num_points for 2-D sets)"
             )
         self.epoch, self.batch = 0, 0
         self._chunks = None  # index chunks of self.epoch, built lazily

@@ -12,11 +12,12 @@ import subprocess
 import sys
 
 import pytest
-from helpers import ROOT, TINY_UNET, run_main
+from helpers import ROOT, TINY_UNET, run_main, tiny_config
 from PIL import Image
 
 import config as config_lib
 import main
+import utils
 
 NAN, INF = math.nan, math.inf
 
@@ -438,3 +439,14 @@ def test_set_values_sets_dotted_keys_and_rejects_unknown_ones():
     assert (c.train.lr, c.model.channel_mults, c.seed) == (0.5, (1,), 3)
     with pytest.raises(ValueError, match="config key 'train.lrr' does not exist; valid keys"):
         config_lib.set_values(c, {"train.lrr": 1.0})
+
+
+def test_a_batch_larger_than_the_data_names_the_settings(tmp_path):
+    config = tiny_config("checkerboard", tmp_path, data__num_points=8, train__batch_size=16)
+    with pytest.raises(ValueError) as info:
+        main.build_trainer(config, utils.DistInfo())
+    assert str(info.value) == (
+        "a micro-batch of 16 (train.batch_size / train.grad_accum / processes) x 1 process(es) "
+        "exceeds the dataset size 8: lower train.batch_size or use more data (data.num_points "
+        "for 2-D sets)"
+    )
