@@ -128,6 +128,9 @@ class DiffusionTrainer:
         # Non-finite steps, counted on device (no host sync): total, current run, longest run.
         zero = torch.zeros((), device=self.device)
         self.skipped_steps, self.bad_run, self.longest_bad_run = zero, zero.clone(), zero.clone()
+        # This rank's sums over the open log window (loss, grad norm, healthy steps), kept in
+        # checkpoints so that the first window after a resume averages the same steps.
+        self.window_sums = [zero.clone(), zero.clone(), zero.clone()]
         self.loss_history = []  # mean losses of healthy log windows (divergence guard)
         self.diverged = False
         self.last_healthy_ckpt = None  # protected from pruning
@@ -270,8 +273,7 @@ class DiffusionTrainer:
         logger = logger_factory(self.run_id)
         self.run_id = logger.run_id
         bar = logging_utils.progress_bar(self.steps, self.step, self.dist.is_main)
-        zero = torch.zeros((), device=self.device)
-        loss_acc, norm_acc, good_acc = zero.clone(), zero.clone(), zero.clone()
+        loss_acc, norm_acc, good_acc = self.window_sums  # updated in place
         tic, step_at_tic, skipped_at_log = time.time(), self.step, int(self.skipped_steps.item())
         watch_parent = "TORCHELASTIC_RUN_ID" in os.environ  # launched by torchrun
         own_stop = stop is None
@@ -429,8 +431,9 @@ class DiffusionTrainer:
     # -----------------------------------------------------------------------------------------
     # Checkpoints.
     # -----------------------------------------------------------------------------------------
-    def state_dict(self, rng_states, healthy):
-        """Everything to continue exactly, in types torch.load(weights_only=True) accepts."""
+    def state_dict(self, rng_states, healthy, window_sums=()):
+        """Everything to continue exactly, in types torch.load(weights_only=True) accepts.
+        `rng_states` and `window_sums` hold every rank's, in rank order."""
         return {
             "step": self.step,
             "model": self.net.state_dict(),
@@ -447,6 +450,7 @@ class DiffusionTrainer:
             "healthy": healthy,
             "skipped_steps": int(self.skipped_steps.item()),
             "loss_history": list(self.loss_history),
+            "window_sums": list(window_sums),
         }
 
     def save(self):
@@ -454,6 +458,7 @@ class DiffusionTrainer:
         the newest healthy one, if older). Refuses to write non-finite weights. A checkpoint is
         healthy unless the run looks diverged or the last step was skipped. Returns the path."""
         rng_states = utils.all_gather_objects(utils.get_rng_state())
+        window_sums = utils.all_gather_objects([float(v) for v in self.window_sums])
         path = checkpoints.checkpoint_path(self.run_dir, self.step)
         if not self.dist.is_main:
             utils.barrier()
@@ -461,7 +466,7 @@ class DiffusionTrainer:
         if not all(torch.isfinite(p).all() for p in self.net.parameters()):
             raise TrainingDiverged(f"non-finite weights at step {self.step}: not saving")
         healthy = not self.diverged and self.bad_run.item() == 0
-        checkpoints.save(self.state_dict(rng_states, healthy), path)
+        checkpoints.save(self.state_dict(rng_states, healthy, window_sums), path)
         if healthy:
             self.last_healthy_ckpt = path
         self.prune_checkpoints()
@@ -493,6 +498,10 @@ class DiffusionTrainer:
         self.last_healthy_ckpt = path if state["healthy"] else None
         if state["world_size"] == self.dist.world_size:
             utils.set_rng_state(state["rng"][self.dist.rank])
+            windows = state.get("window_sums") or []  # absent in older checkpoints
+            if len(windows) == self.dist.world_size:
+                for total, value in zip(self.window_sums, windows[self.dist.rank], strict=True):
+                    total.fill_(value)
         elif self.dist.is_main:
             print(
                 f"resuming with world size {self.dist.world_size} (checkpoint: "

@@ -67,6 +67,21 @@ def test_resume_is_bit_identical(tmp_path, preset):
     assert losses_a == losses_b
 
 
+def test_a_resume_inside_a_log_window_logs_the_same_means(tmp_path):
+    """A checkpoint in the middle of a log window (save_every=3, log_every=4) keeps the window's
+    sums, so the resumed run logs at step 4 the mean over steps 1-4, as the uninterrupted run
+    does, not over step 4 alone."""
+    kwargs = dict(train__steps=8, train__save_every=3, train__log_every=4)
+    whole = main.train(tiny_config("checkerboard", tmp_path / "a", **kwargs), {}, SINGLE)
+    main.train(tiny_config("checkerboard", tmp_path / "b", **kwargs), {}, SINGLE, until=3)
+    resumed = main.train(tiny_config("checkerboard", tmp_path / "b", **kwargs), {}, SINGLE)
+    assert resumed.step == 8
+    logged = [read_metrics(run.run_dir) for run in (whole, resumed)]
+    assert [r["step"] for r in logged[0]] == [r["step"] for r in logged[1]] == [4, 8]
+    for key in ("loss", "grad_norm"):
+        assert [r[key] for r in logged[0]] == [r[key] for r in logged[1]], key
+
+
 def test_gradient_accumulation_matches_full_batch(tmp_path):
     """grad_accum=4 micro-batches of 4 == one batch of 16 (same data, t, noise, label drops)."""
     kw = dict(train__steps=3, train__grad_clip=0.0, train__adam_eps=1e-4)  # see test_ddp.py
