@@ -738,10 +738,10 @@ def fail(message):
 def check_argv(argv):
     """Reject a missing config file and unknown --config.KEY flags with one line before absl
     parses them."""
-    config_arg = None
-    for arg in argv[1:]:
-        if arg.startswith("--config="):
-            config_arg = arg.split("=", 1)[1]
+    config_args = [arg.split("=", 1)[1] for arg in argv[1:] if arg.startswith("--config=")]
+    if len(config_args) > 1:
+        fail(f"--config is given {len(config_args)} times ({config_args}): pass one preset")
+    config_arg = config_args[0] if config_args else None
     path, _, preset = (config_arg or os.path.join(HERE, "config.py")).partition(":")
     if not os.path.isfile(path):
         fail(
@@ -781,6 +781,8 @@ def check_mode_flags():
     if FLAGS.out is not None:
         if FLAGS.mode != "sample":
             raise ValueError(f"--out is only used by --mode=sample (not --mode={FLAGS.mode})")
+        if not FLAGS.out:
+            raise ValueError("--out= is empty: give a directory (created if absent)")
         if os.path.exists(FLAGS.out) and not os.path.isdir(FLAGS.out):
             raise ValueError(f"--out={FLAGS.out} is a file; give a directory (created if absent)")
         parent = FLAGS.out if os.path.isdir(FLAGS.out) else existing_parent(FLAGS.out)

@@ -42,6 +42,11 @@ def last_line(text):
         (["--config=nope.py:digits"], "--config=nope.py:digits: no such config file; use"),
         (["--ckpt=ckpts/old"], "pass --config.train.init_from=ckpts/old"),
         (["--mode=sample", "--ckpt=x", "--out=README.md"], "--out=README.md is a file"),
+        (["--mode=sample", "--ckpt=x", "--out="], "--out= is empty: give a directory"),
+        (
+            ["--config=config.py:digits", "--config=config.py:moons"],
+            "--config is given 2 times (['config.py:digits', 'config.py:moons']): pass one preset",
+        ),
         (
             ["--config=config.py:digits", "train"],
             "unexpected argument(s) ['train']: every option is a flag, e.g. --mode=sample",
