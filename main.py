@@ -458,15 +458,14 @@ def train(config, overrides, dist_info, until=None):
     """--mode=train: train (or resume) the run ckpts/<name>/; returns the trainer."""
     del overrides  # already applied to `config` by the flags
     stop = utils.StopRequest().install()  # a stop while building: checkpoint after one step
+    trainer = None
     try:
         trainer = build_trainer(config, dist_info)
-        try:
-            return run_training(trainer, config, dist_info, until, stop)
-        finally:
-            if trainer.run_lock is not None:
-                trainer.run_lock.release()
+        return run_training(trainer, config, dist_info, until, stop)
     finally:
         stop.restore()
+        if trainer is not None and trainer.run_lock is not None:
+            trainer.run_lock.release()
 
 
 def run_training(trainer, config, dist_info, until, stop=None):
@@ -497,7 +496,7 @@ def run_training(trainer, config, dist_info, until, stop=None):
 
     if trainer.step >= config.train.steps:
         say(f"nothing to do: step {trainer.step} >= train.steps={config.train.steps}")
-        final = os.path.join(trainer.run_dir, f"samples_{trainer.step:07d}.png")
+        final = trainer.samples_path()
         if not os.path.exists(final):  # a stop came at the last step, before its samples
             say(f"writing the final samples {final}")
             trainer.save_samples()

@@ -411,8 +411,12 @@ class DiffusionTrainer:
             self.num_classes,
         )
 
+    def samples_path(self):
+        """run_dir/samples_<step>.png: where save_samples writes this step's grid or scatter."""
+        return os.path.join(self.run_dir, f"samples_{self.step:07d}.png")
+
     def save_samples(self):
-        """Sample the config's `sample.num` images / points into the run directory."""
+        """Sample the config's `sample.num` images / points into `samples_path()`."""
         was_training = self.net.training
         x, labels, nfe = self.generate(self.config.sample.num, self.config.sample.use_ema)
         self.net.train(was_training)
@@ -421,7 +425,7 @@ class DiffusionTrainer:
         message = degenerate_samples_message(x, self.model_output, self.process.name)
         if message:
             print(f"{message} (step {self.step})")
-        stem = os.path.join(self.run_dir, f"samples_{self.step:07d}")
+        stem = self.samples_path().removesuffix(".png")
         reference = self.dataset.x[: len(x)] if self.dataset.kind == "points" else None
         logging_utils.save_loss_curve(
             logging_utils.read_metrics(self.run_dir), os.path.join(self.run_dir, "loss.png")
@@ -431,7 +435,7 @@ class DiffusionTrainer:
     # -----------------------------------------------------------------------------------------
     # Checkpoints.
     # -----------------------------------------------------------------------------------------
-    def state_dict(self, rng_states, healthy, window_sums=()):
+    def state_dict(self, rng_states, healthy, window_sums):
         """Everything to continue exactly, in types torch.load(weights_only=True) accepts.
         `rng_states` and `window_sums` hold every rank's, in rank order."""
         return {
@@ -441,7 +445,7 @@ class DiffusionTrainer:
             "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict(),
             "loader": self.loader.state_dict(),
-            "rng": rng_states,
+            "rng": list(rng_states),
             "world_size": self.dist.world_size,
             "config": json.dumps(self.config.to_dict()),
             "data_info": data_info_of(self.dataset),
@@ -457,8 +461,8 @@ class DiffusionTrainer:
         """Write ckpt_<step>.pt atomically (rank 0) and prune to the newest `keep_ckpts` (plus
         the newest healthy one, if older). Refuses to write non-finite weights. A checkpoint is
         healthy unless the run looks diverged or the last step was skipped. Returns the path."""
-        rng_states = utils.all_gather_objects(utils.get_rng_state())
-        window_sums = utils.all_gather_objects([float(v) for v in self.window_sums])
+        own = (utils.get_rng_state(), [float(v) for v in self.window_sums])
+        rng_states, window_sums = zip(*utils.all_gather_objects(own), strict=True)
         path = checkpoints.checkpoint_path(self.run_dir, self.step)
         if not self.dist.is_main:
             utils.barrier()
