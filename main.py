@@ -18,6 +18,7 @@ before any work starts, and dispatches the mode.
 import json
 import os
 import sys
+import tempfile
 
 import torch
 from absl import app, flags
@@ -249,6 +250,24 @@ def check_objective(config, process, world_size=1):
         )
 
 
+def check_guidance(guidance_scale, num_classes, class_dropout):
+    """Classifier-free guidance needs labels and a null class the network was trained on."""
+    if guidance_scale == 1.0:
+        return
+    if not num_classes:
+        raise ValueError(
+            f"sample.guidance_scale={guidance_scale:g} needs a class-conditional model, and this "
+            f"one is unconditional (unlabelled data or model.class_conditional=False): set "
+            f"sample.guidance_scale=1"
+        )
+    if class_dropout <= 0:
+        raise ValueError(
+            f"sample.guidance_scale={guidance_scale:g} needs a model trained with label dropout "
+            f"(model.class_dropout > 0; this one has 0, so its null class is untrained): set "
+            f"sample.guidance_scale=1"
+        )
+
+
 def resolve_time_ranges(config, process):
     """Fill unset t_min / t_max: [0, 1] trimmed to the process's default_t_min / default_t_max
     (1e-3 from the ends; EDM's sigma_min for ve) at an end where the training pairing (or the
@@ -338,13 +357,28 @@ def build_dataset(config, dist_info, train=True):
 # Modes.
 # ---------------------------------------------------------------------------------------------
 def build_trainer(config, dist_info):
-    """Validate the config, lock the run directory, pick the newest good checkpoint and check
-    that the config may resume from it, then build every part and restore (or initialise from
-    train.init_from). Returns the trainer; its `run_lock` is released by `train`."""
+    """Validate the config, build the data and the network, lock the run directory, pick the
+    newest good checkpoint and check that the config may resume from it, then build the trainer
+    and restore (or initialise from train.init_from). Returns the trainer; its `run_lock` is
+    released by `train`. Every mistake of the user's is found before the lock, which makes the
+    run directory: a failed start leaves nothing behind."""
     say = print if dist_info.is_main else (lambda *a, **k: None)
     process = check_config(config, dist_info.world_size)
     run_dir = os.path.join(config.workdir, config.name)
-    dataset = build_dataset(config, dist_info)  # missing data: no run directory made
+    dataset = build_dataset(config, dist_info)
+    num_classes = dataset.num_classes if config.model.class_conditional else 0
+    check_guidance(config.sample.guidance_scale, num_classes, config.model.class_dropout)
+    eval_dataset = None  # the likelihoods of train.eval_every use the test split
+    if config.train.eval_every and config.eval.nll_num:
+        eval_dataset = build_dataset(config, dist_info, train=False)
+    time_sampler = build_time_sampler(config.time_sampler, process)
+    utils.seed_everything(config.seed)  # identical initial weights on every rank
+    net = build_net(config, trainer_lib.data_info_of(dataset))
+    utils.seed_everything(config.seed + dist_info.rank)  # per-rank dropout streams
+    init = None  # train.init_from of a new run (a resumed run ignores it)
+    if not checkpoints.list_checkpoints(run_dir):
+        init = init_from_state(config.train.init_from, net)
+
     run_lock, state, path, refusal = None, None, None, None
     if dist_info.is_main:
         try:
@@ -361,25 +395,8 @@ def build_trainer(config, dist_info):
     if state is not None:
         say(resume_line(config, checkpoints.config_of(state), path, state["step"]))
         init = None
-    else:
-        init = init_from_state(config.train.init_from)
-    ts = config.time_sampler
-    time_sampler = time_samplers.build_time_sampler(
-        ts.name,
-        ts.t_min,
-        ts.t_max,
-        mean=ts.mean,
-        std=ts.std,
-        p_mean=ts.p_mean,
-        p_std=ts.p_std,
-        inverse_noise_level=process.inverse_noise_level,
-    )
-    utils.seed_everything(config.seed)  # identical initial weights on every rank
-    net = build_net(config, trainer_lib.data_info_of(dataset))
-    utils.seed_everything(config.seed + dist_info.rank)  # per-rank dropout streams
-    eval_dataset = None  # the likelihoods of train.eval_every use the test split
-    if config.train.eval_every and config.eval.nll_num:
-        eval_dataset = build_dataset(config, dist_info, train=False)
+    elif init is None:  # its checkpoints went away between the look and the lock
+        init = init_from_state(config.train.init_from, net)
     trainer = DiffusionTrainer(
         config, net, process, time_sampler, dataset, dist_info, run_dir, eval_dataset
     )
@@ -394,6 +411,20 @@ def build_trainer(config, dist_info):
         utils.atomic_write_json(config.to_dict(), os.path.join(run_dir, "config.json"))
         truncate_metrics(run_dir, trainer.step)
     return trainer
+
+
+def build_time_sampler(ts, process):
+    """The time sampler of the config section `ts` (config.time_sampler)."""
+    return time_samplers.build_time_sampler(
+        ts.name,
+        ts.t_min,
+        ts.t_max,
+        mean=ts.mean,
+        std=ts.std,
+        p_mean=ts.p_mean,
+        p_std=ts.p_std,
+        inverse_noise_level=process.inverse_noise_level,
+    )
 
 
 def lock_and_find_checkpoint(run_dir, say):
@@ -418,16 +449,19 @@ def had_corrupt_checkpoints(run_dir):
     return any(".pt.corrupt" in f for f in os.listdir(run_dir))
 
 
-def init_from_state(source):
-    """(state, path) of train.init_from (a checkpoint or a run directory), or None when unset."""
+def init_from_state(source, net):
+    """(state, path) of train.init_from (a checkpoint or a run directory) whose model weights
+    fit `net`, or None when unset."""
     if not source:
         return None
     try:
-        return checkpoints.resolve(source, flag="train.init_from")
+        state, path = checkpoints.resolve(source, flag="train.init_from")
     except ValueError as e:
         if str(e).startswith("train.init_from="):
             raise
         raise ValueError(f"train.init_from: {e}") from None
+    trainer_lib.check_same_shapes(net.state_dict(), state["model"], f"train.init_from={source}")
+    return state, path
 
 
 def resume_line(config, saved, path, step):
@@ -544,17 +578,23 @@ def checkpoint_config(state, overrides):
 
     The sampling time range is re-resolved for the sampler now asked for, unless given."""
     config = config_lib.with_defaults(checkpoints.config_of(state))
+    check_checkpoint_overrides(overrides)
+    config_lib.set_values(config, overrides)
+    for key in ("t_min", "t_max"):
+        if f"sample.{key}" not in overrides:
+            config.sample[key] = None
+    return config
+
+
+def check_checkpoint_overrides(overrides):
+    """One line for a --config.KEY that cannot apply to a trained checkpoint (a train.* or
+    model.* key, say), instead of ignoring it."""
     for key in overrides:
         if not (key.startswith(("sample.", "eval.", "logging.")) or key in DATA_LOCATION_KEYS):
             raise ValueError(
                 f"--config.{key}: only --config.sample.*, eval.*, logging.* and "
                 f"{', '.join(DATA_LOCATION_KEYS)} overrides apply to a checkpoint"
             )
-    config_lib.set_values(config, overrides)
-    for key in ("t_min", "t_max"):
-        if f"sample.{key}" not in overrides:
-            config.sample[key] = None
-    return config
 
 
 def load_for_sampling(config_overrides, dist_info, ckpt=None, evaluating=None):
@@ -571,6 +611,7 @@ def load_for_sampling(config_overrides, dist_info, ckpt=None, evaluating=None):
     trainer_lib.check_same_shapes(net.state_dict(), weights, path, hint)
     net.load_state_dict(weights)
     num_classes = info["num_classes"] if config.model.class_conditional else 0
+    check_guidance(config.sample.guidance_scale, num_classes, config.model.class_dropout)
     return config, process, net.eval(), info, num_classes, state, path
 
 
@@ -598,6 +639,7 @@ class LoadedModel:
         overrides = {f"sample.{k}": v for k, v in sample_overrides.items()}
         config = checkpoint_config(self.state, {"sample.use_ema": self.use_ema, **overrides})
         process = check_config(config, 1, evaluating=False)  # re-resolves the time range
+        check_guidance(config.sample.guidance_scale, self.num_classes, config.model.class_dropout)
         x, labels, nfe = trainer_lib.generate_distributed(
             self.net,
             process,
@@ -624,6 +666,9 @@ def sample(config, config_overrides, dist_info):
         config_overrides, dist_info
     )
     s = config.sample
+    out = FLAGS.out or os.path.join(os.path.dirname(path), "samples")
+    if not FLAGS.out:  # --out was checked with the flags
+        check_output_dir(out, f"the default output directory {out} (set --out=DIR)")
     trajectory = []
     x, labels, nfe = trainer_lib.generate_distributed(
         net,
@@ -643,7 +688,6 @@ def sample(config, config_overrides, dist_info):
     )
     if message:
         print(message, file=sys.stderr)
-    out = FLAGS.out or os.path.join(os.path.dirname(path), "samples")
     os.makedirs(out, exist_ok=True)
     arrays = {"samples": data_utils.to_data_space(x, info["kind"])}
     if labels is not None:
@@ -769,8 +813,9 @@ def parse_flags(argv):
         fail(str(e).removeprefix("flag "))
 
 
-def check_mode_flags():
-    """Flags that do not fit the mode, and an unusable --out: one line before any work."""
+def check_mode_flags(overrides):
+    """Flags that do not fit the mode (`overrides`: the --config.KEY=VALUE ones), and an unusable
+    --out: one line before any work."""
     if FLAGS.mode == "train" and FLAGS.ckpt:
         raise ValueError(
             f"--ckpt is not used by --mode=train (which resumes from its own run directory); to "
@@ -782,19 +827,26 @@ def check_mode_flags():
             raise ValueError(f"--out is only used by --mode=sample (not --mode={FLAGS.mode})")
         if not FLAGS.out:
             raise ValueError("--out= is empty: give a directory (created if absent)")
-        if os.path.exists(FLAGS.out) and not os.path.isdir(FLAGS.out):
-            raise ValueError(f"--out={FLAGS.out} is a file; give a directory (created if absent)")
-        parent = FLAGS.out if os.path.isdir(FLAGS.out) else existing_parent(FLAGS.out)
-        if not os.access(parent, os.W_OK | os.X_OK):
-            raise ValueError(f"--out={FLAGS.out}: {parent} is not writable")
+        check_output_dir(FLAGS.out, f"--out={FLAGS.out}")
+    if FLAGS.mode == "info":  # it prints the checkpoint as saved, but refuses what sample does
+        check_checkpoint_overrides(overrides)
 
 
-def existing_parent(path):
-    """The nearest existing ancestor folder of `path`."""
-    path = os.path.dirname(os.path.abspath(path))
-    while not os.path.isdir(path):
-        path = os.path.dirname(path)
-    return path
+def check_output_dir(path, name):
+    """ValueError naming `name` unless `path` is a directory, or can be made one, in which a
+    file can be created (a probe that is removed at once; nothing else is made here)."""
+    ancestor = os.path.abspath(path)
+    while not os.path.exists(ancestor):
+        ancestor = os.path.dirname(ancestor)
+    if not os.path.isdir(ancestor):
+        inside = ancestor != os.path.abspath(path)
+        where = f"is inside the file {ancestor}" if inside else "is a file"
+        raise ValueError(f"{name} {where}; give a directory (created if absent)")
+    try:
+        with tempfile.TemporaryFile(dir=ancestor):
+            pass
+    except OSError as e:
+        raise ValueError(f"{name}: cannot create files in {ancestor} ({e.strerror or e})") from None
 
 
 def os_error_line(e):
@@ -816,7 +868,7 @@ def main(argv):
     torch.backends.cuda.matmul.allow_tf32 = True
     torch.backends.cudnn.allow_tf32 = True
     try:
-        check_mode_flags()
+        check_mode_flags(overrides)
         MODE_FNS[FLAGS.mode](FLAGS.config, overrides, dist_info)
     except (ValueError, TrainingDiverged) as e:
         fail(e)

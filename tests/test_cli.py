@@ -44,6 +44,26 @@ def last_line(text):
         (["--mode=sample", "--ckpt=x", "--out=README.md"], "--out=README.md is a file"),
         (["--mode=sample", "--ckpt=x", "--out="], "--out= is empty: give a directory"),
         (
+            ["--mode=sample", "--ckpt=x", "--out=README.md/sub"],
+            f"--out=README.md/sub is inside the file {ROOT}/README.md; give a directory",
+        ),
+        (
+            ["--mode=sample", "--ckpt=x", "--out=/proc/x"],
+            "--out=/proc/x: cannot create files in /proc (",
+        ),
+        (
+            ["--mode=info", "--ckpt=x", "--config.sample.steps=3", "--config.train.lr=1"],
+            "--config.train.lr: only --config.sample.*, eval.*, logging.* and data.root, data.",
+        ),
+        (
+            ["--config=config.py:moons", "--config.sample.guidance_scale=2"],
+            "sample.guidance_scale=2 needs a class-conditional model, and this one is uncondi",
+        ),
+        (
+            ["--config.model.class_dropout=0", "--config.sample.guidance_scale=3"],
+            "sample.guidance_scale=3 needs a model trained with label dropout (model.class_drop",
+        ),
+        (
             ["--config=config.py:digits", "--config=config.py:moons"],
             "--config is given 2 times (['config.py:digits', 'config.py:moons']): pass one preset",
         ),
@@ -171,6 +191,27 @@ def test_points_sample_mode_writes_scatter(tmp_path):
     with np.load(out / "samples.npz") as f:
         assert f["samples"].shape == (50, 2) and "labels" not in f
     assert Image.open(out / "scatter.png").size[0] > 100
+    guided = run_main(
+        "--mode=sample",
+        f"--ckpt={trainer.run_dir}",
+        "--config.sample.num=5",
+        "--config.sample.guidance_scale=2",
+    )
+    assert guided.returncode == 1 and guided.stderr == (
+        "error: sample.guidance_scale=2 needs a class-conditional model, and this one is "
+        "unconditional (unlabelled data or model.class_conditional=False): set "
+        "sample.guidance_scale=1\n"
+    )
+    assert not os.path.exists(os.path.join(trainer.run_dir, "samples"))
+    default_out = os.path.join(trainer.run_dir, "samples")
+    open(default_out, "w").close()  # where the samples would go without --out: a file
+    blocked = run_main("--mode=sample", f"--ckpt={trainer.run_dir}", "--config.sample.num=5")
+    assert blocked.returncode == 1 and blocked.stderr == (
+        f"error: the default output directory {default_out} (set --out=DIR) is a file; give a "
+        f"directory (created if absent)\n"
+    )
+    with pytest.raises(ValueError, match="sample.guidance_scale=1.5 needs a class-conditional"):
+        main.load_model(trainer.run_dir).sample(4, guidance_scale=1.5)
 
 
 def test_help_lists_every_mode_and_preset():

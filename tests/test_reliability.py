@@ -731,11 +731,13 @@ def test_init_from_loads_weights_only_and_checks_shapes(tmp_path):
     wider.train.init_from = source.run_dir
     with pytest.raises(ValueError, match="its weights do not fit this model .*shape: "):
         main.build_trainer(wider, SINGLE)
+    assert not (tmp_path / "c").exists()  # refused before the run directory (and its lock)
     missing = tiny_config("checkerboard", tmp_path / "d", train__steps=2)
     missing.train.init_from = str(tmp_path / "nowhere")
     with pytest.raises(ValueError) as info:
         main.build_trainer(missing, SINGLE)
     assert str(info.value) == f"train.init_from={tmp_path / 'nowhere'}: no such file"
+    assert not (tmp_path / "d").exists()
 
 
 def test_a_full_disk_while_saving_a_checkpoint_is_an_os_error_naming_the_file(tmp_path):
