@@ -331,12 +331,22 @@ class KilledAfterTimeout(logging.Handler):
         return handler
 
 
+def threads_per_worker(workers, cores=None):
+    """CPU threads for each of `workers` processes on this node: the cores this process may run
+    on, shared out evenly (at least 1)."""
+    if cores is None:  # sched_getaffinity is Linux's; macOS has only the machine's count
+        affinity = getattr(os, "sched_getaffinity", None)
+        cores = len(affinity(0)) if affinity else os.cpu_count() or 1
+    return max(1, cores // workers)
+
+
 def launch(torchrun_args):
     """Run torchrun with `torchrun_args` in this process and return an exit status, printing no
     launcher traceback: a worker's own `error:` line (or traceback) is all the user sees, and
     a stop signal forwarded to the workers (they checkpoint and exit) ends with status 0, or
     with one `error:` line and status 137 if torchrun had to kill workers still running after
-    its shutdown timeout."""
+    its shutdown timeout. Several workers on a node share its cores (OMP_NUM_THREADS, unless
+    set) instead of torchrun's default of one thread each."""
     from torch.distributed import run as torchrun
     from torch.distributed.elastic.multiprocessing.api import SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
@@ -344,6 +354,9 @@ def launch(torchrun_args):
     logging.getLogger("torch.distributed.elastic").setLevel(logging.CRITICAL)
     killed = KilledAfterTimeout.install()
     args = torchrun.parse_args(torchrun_args)
+    workers = torchrun.determine_local_world_size(args.nproc_per_node)
+    if workers > 1 and "OMP_NUM_THREADS" not in os.environ:  # torchrun would set 1, with a banner
+        os.environ["OMP_NUM_THREADS"] = str(threads_per_worker(workers))
     try:
         torchrun.run(args)
     except SignalException as e:  # forwarded to the workers, which checkpoint and say so
