@@ -613,7 +613,7 @@ VALUE_RULES = {
     "train.meanflow_ratio": UNIT,
     "train.meanflow_curriculum": UNIT,
     "sample.steps": POSITIVE,
-    "sample.diffusion_scale": NON_NEGATIVE_REAL,
+    "sample.diffusion_scale": _number_in(0, 1e6),  # larger ones overflow the SDE coefficients
     "sample.rtol": _number_in(1e-12),  # dopri5 cannot reach a tighter one in float32
     "sample.atol": _number_in(1e-12),
     "sample.s_churn": NON_NEGATIVE_REAL,

@@ -98,6 +98,12 @@ BAD_VALUES = [
     ),
     ("digits", "sample.num", 10**8 + 1, "sample.num=100000001 must be an integer in [1, 10**8]"),
     ("digits", "sample.rtol", 1e-300, "sample.rtol=1e-300 must be a finite number >= 1e-12"),
+    (
+        "digits",
+        "sample.diffusion_scale",
+        1e300,
+        "sample.diffusion_scale=1e+300 must be a finite number in [0, 1e+06]",
+    ),
     ("digits", "train.grad_clip", -1.0, "train.grad_clip=-1.0 must be a finite number >= 0"),
     ("digits", "train.grad_clip", NAN, "train.grad_clip=nan must be a finite number >= 0"),
     ("digits", "train.keep_ckpts", 0, "train.keep_ckpts=0 must be positive (an integer >= 1)"),
@@ -165,7 +171,7 @@ BAD_VALUES = [
         "digits",
         "sample.diffusion_scale",
         -1.0,
-        "sample.diffusion_scale=-1.0 must be a finite number >= 0",
+        "sample.diffusion_scale=-1.0 must be a finite number in [0, 1e+06]",
     ),
     (
         "digits",
