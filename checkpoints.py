@@ -83,6 +83,8 @@ def save(state, path):
 def load(path, map_location="cpu"):
     """The validated state dict of a checkpoint file. Never runs code from the file: raises
     CheckpointError (one line) for anything that is not a complete checkpoint."""
+    if os.path.isdir(path):
+        raise CheckpointError(f"{path} is a directory, not a checkpoint file")
     if not os.path.isfile(path):
         raise CheckpointError(f"{path}: no such checkpoint file")
     if os.path.getsize(path) == 0:
@@ -115,6 +117,11 @@ def validate(state, path):
     """Raise CheckpointError unless `state` has every key with its type and finite weights."""
     if not isinstance(state, dict):
         raise CheckpointError(f"{path} holds a {type(state).__name__}, not a checkpoint dict")
+    if {"profiles", "gammas"} <= set(state) and "model" not in state:
+        raise CheckpointError(
+            f"{path} is a power-EMA snapshot, not a checkpoint: make a checkpoint of any EMA "
+            f"length from the snapshots with scripts/posthoc_ema.py"
+        )
     for key, kind in REQUIRED.items():
         if key not in state:
             raise CheckpointError(f"{path} is not a complete checkpoint: key {key!r} is missing")
@@ -179,12 +186,16 @@ def resolve(path, warn=print, flag="--ckpt"):
     newest good checkpoint of a run directory (bad ones reported, not moved: the run may be
     live). One line on failure."""
     if path is None:
-        raise ValueError("--ckpt is required in this mode: a checkpoint file or a run directory")
+        raise ValueError(f"{flag} is required in this mode: a checkpoint file or a run directory")
+    if not path:
+        raise ValueError(f"{flag}= is empty: give a checkpoint file or a run directory")
     if os.path.isdir(path):
         state, found = load_newest_good(path, set_aside=False, warn=warn)
         if state is None:
             raise CheckpointError(f"{flag}={path}: no loadable ckpt_*.pt in this directory")
         return state, found
+    if os.path.islink(path) and not os.path.exists(path):
+        raise CheckpointError(f"{flag}={path}: a symbolic link to nothing (broken or a loop)")
     if not os.path.exists(path):
         raise CheckpointError(f"{flag}={path}: no such file")
     return load(path), path

@@ -463,7 +463,11 @@ def set_values(c, values):
         node = c
         for section in sections:
             node = node[section]
-        node[field] = value
+        try:
+            node[field] = value
+        except TypeError:  # ml_collections keeps each field's type
+            expected, given = type(node[field]).__name__, type(value).__name__
+            raise ValueError(f"{key}={value!r} must be of type {expected}, not {given}") from None
     return c
 
 

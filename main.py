@@ -562,10 +562,10 @@ def truncate_metrics(run_dir, step):
         utils.atomic_write_text(text, os.path.join(run_dir, "metrics.jsonl"))
 
 
-def load_checkpoint(path):
+def load_checkpoint(path, flag="--ckpt"):
     """(state, path) of a checkpoint file or of the newest good checkpoint in a run directory,
     loaded safely (never runs code from the file); one line for anything else."""
-    return checkpoints.resolve(path, warn=lambda line: print(line, file=sys.stderr))
+    return checkpoints.resolve(path, warn=lambda line: print(line, file=sys.stderr), flag=flag)
 
 
 # Where the data is (not what it is): may change between the run and its evaluation.
@@ -597,11 +597,12 @@ def check_checkpoint_overrides(overrides):
             )
 
 
-def load_for_sampling(config_overrides, dist_info, ckpt=None, evaluating=None):
-    """(config, process, EMA-or-raw net, data_info, num_classes, state, path) of --ckpt."""
+def load_for_sampling(config_overrides, dist_info, ckpt=None, evaluating=None, flag="--ckpt"):
+    """(config, process, EMA-or-raw net, data_info, num_classes, state, path) of --ckpt (or of
+    `ckpt`, named `flag` in messages)."""
     ckpt = FLAGS.ckpt if ckpt is None else ckpt
     evaluating = FLAGS.mode == "eval" if evaluating is None else evaluating
-    state, path = load_checkpoint(ckpt)
+    state, path = load_checkpoint(ckpt, flag)
     config = checkpoint_config(state, config_overrides)
     process = check_config(config, dist_info.world_size, evaluating=evaluating)
     info = state["data_info"]
@@ -628,30 +629,50 @@ class LoadedModel:
     anything else (e.g. sampling.generate or sampling.log_likelihood)."""
 
     def __init__(self, ckpt, use_ema=True, device=None):
-        device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-        self.dist = utils.DistInfo(device=device)
+        self.dist = utils.DistInfo(device=api_device(device))
         overrides = {"sample.use_ema": use_ema}
-        loaded = load_for_sampling(overrides, self.dist, ckpt=ckpt, evaluating=False)
+        loaded = load_for_sampling(overrides, self.dist, ckpt, False, flag="ckpt")
         self.config, self.process, self.net, self.data_info, self.num_classes = loaded[:5]
         self.state, self.path, self.use_ema = loaded[5], loaded[6], use_ema
 
     def sample(self, num, **sample_overrides):
+        if "use_ema" in sample_overrides:
+            raise ValueError(
+                "sample(use_ema=...): the weights are chosen by load_model(ckpt, use_ema=...)"
+            )
         overrides = {f"sample.{k}": v for k, v in sample_overrides.items()}
-        config = checkpoint_config(self.state, {"sample.use_ema": self.use_ema, **overrides})
-        process = check_config(config, 1, evaluating=False)  # re-resolves the time range
+        overrides.update({"sample.num": num, "sample.use_ema": self.use_ema})
+        config = checkpoint_config(self.state, overrides)
+        process = check_config(config, 1, evaluating=False)  # checks num; re-resolves t range
         check_guidance(config.sample.guidance_scale, self.num_classes, config.model.class_dropout)
         x, labels, nfe = trainer_lib.generate_distributed(
             self.net,
             process,
             config.prediction.model_output,
             tuple(self.data_info["shape"]),
-            num,
+            config.sample.num,
             self.num_classes,
             self.dist,
             trainer_lib.sampler_kwargs(config),
         )
         labels = None if labels is None else labels.numpy()
         return data_utils.to_data_space(x, self.data_info["kind"]), labels, nfe
+
+
+def api_device(device):
+    """torch.device of load_model's `device` (default: cuda when available); one line for a
+    name torch does not know or a device this machine lacks."""
+    if device is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise ValueError(f"device={device!r} is not a torch device; use 'cpu' or 'cuda'") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device={str(device)!r}, but CUDA is not available here: use 'cpu'")
+    if device.type not in ("cpu", "cuda"):
+        raise ValueError(f"device={str(device)!r} is not supported; use 'cpu' or 'cuda'")
+    return device
 
 
 def load_model(ckpt, use_ema=True, device=None):
@@ -828,8 +849,13 @@ def check_mode_flags(overrides):
         if not FLAGS.out:
             raise ValueError("--out= is empty: give a directory (created if absent)")
         check_output_dir(FLAGS.out, f"--out={FLAGS.out}")
-    if FLAGS.mode == "info":  # it prints the checkpoint as saved, but refuses what sample does
-        check_checkpoint_overrides(overrides)
+    if FLAGS.mode == "info" and overrides:
+        keys = list(overrides)
+        more = f" (and {len(keys) - 1} more)" if len(keys) > 1 else ""
+        raise ValueError(
+            f"--mode=info prints the checkpoint as saved and takes no --config.* flag: drop "
+            f"--config.{keys[0]}{more}"
+        )
 
 
 def check_output_dir(path, name):

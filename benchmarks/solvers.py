@@ -1,16 +1,19 @@
 """Sample quality against NFE for every solver on the checkerboard, and the likelihood.
 
-    python benchmarks/solvers.py [--steps 10000] [--out docs]
+    python benchmarks/solvers.py [--steps 5000] [--workdir ckpts] [--out DIR]
 
-Trains the `checkerboard` preset once into ckpts/bench_checkerboard/ (resumed if it is there),
-then, with the EMA weights, draws the same 4096 per-sample-seeded base points for every sampler
-and reports the sliced Wasserstein distance (SW) and MMD against fresh data, the NFE, and the
-NLL of 2048 test points through the probability-flow ODE. The SW/MMD between two independent data
-samples of the same size is printed as the noise floor. Writes `<out>/benchmarks.md` and
-`<out>/checkerboard_samples.png`.
+Trains the `checkerboard` preset once into <workdir>/bench_checkerboard/ (resumed if it is
+there), then, with the EMA weights, draws the same 4096 per-sample-seeded base points for every
+sampler and reports the sliced Wasserstein distance (SW) and MMD against fresh data, the NFE, and
+the NLL of 2048 test points through the probability-flow ODE. The SW/MMD between two independent
+data samples of the same size is printed as the noise floor.
+
+The two Markdown sections go to stdout: paste them into docs/benchmarks.md (nothing under docs/
+is written). The picture of the samples from noise to data is written to
+`<out>/checkerboard_samples.png` (default: the run directory); copy it to docs/ beside them.
+Every argument, the config and the output folder are checked before any work.
 """
 
-import argparse
 import os
 import sys
 import time
@@ -18,6 +21,8 @@ import time
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import cli  # noqa: E402  (benchmarks/cli.py: argument validators)
 
 import config as config_lib  # noqa: E402
 import data_utils  # noqa: E402
@@ -28,6 +33,7 @@ import utils  # noqa: E402
 from logging_utils import save_scatter_snapshots  # noqa: E402
 
 NUM = 4096
+PICTURE = "checkerboard_samples.png"
 ODE_RUNS = [(s, n) for s in ("euler", "heun", "midpoint", "rk4") for n in (8, 16, 32, 64, 128)]
 ODE_RUNS = [
     (s, n // sampling.NFE_PER_STEP[s]) for s, n in ODE_RUNS if n >= sampling.NFE_PER_STEP[s]
@@ -40,11 +46,21 @@ SDE_RUNS += [("euler_maruyama", scale, 128) for scale in (0.25, 4.0)]
 EDM_RUNS = [(steps, churn) for steps in (4, 8, 16, 32) for churn in (0.0, 10.0)]
 
 
-def train(steps, workdir):
+def train_config(steps, workdir):
+    """The `checkerboard` preset as run `bench_checkerboard` under `workdir` for `steps` steps."""
     c = config_lib.get_config("checkerboard")
     c.name, c.workdir, c.logging.wandb = "bench_checkerboard", workdir, "disabled"
     c.train.steps = steps
-    return main.train(c, {}, utils.DistInfo())
+    return c
+
+
+def train(config):
+    """The trained trainer; a refusal of main.train's (a live run holds the run directory, its
+    checkpoint does not fit the config) is one `error:` line."""
+    try:
+        return main.train(config, {}, utils.DistInfo())
+    except ValueError as e:
+        cli.fail(e)
 
 
 def quality(x, reference):
@@ -56,9 +72,42 @@ def row(name, nfe, x, reference, seconds):
     return f"| {name} | {nfe} | {sw:.4f} | {mmd:.5f} | {seconds:.1f} |"
 
 
-def main_(args):
+def parse_args(argv=None):
+    parser = cli.Parser(description=__doc__.split("\n")[0])
+    parser.add_argument("--steps", type=cli.int_in(1), default=5000, help="training steps")
+    parser.add_argument("--workdir", type=cli.directory, default="ckpts")
+    parser.add_argument(
+        "--out",
+        type=cli.directory,
+        default=None,
+        help=f"folder for {PICTURE} (created if absent); default: the run directory",
+    )
+    return parser.parse_args(argv)
+
+
+def checked_plan(args):
+    """(config, picture path) after every check that needs no training: the config, the run
+    directory and the picture's folder. Exits with one `error:` line on a problem."""
+    config = train_config(args.steps, args.workdir)
+    try:
+        main.check_config(config, 1)
+    except ValueError as e:
+        cli.fail(e)
+    run_dir = os.path.join(config.workdir, config.name)
+    cli.check_directory(run_dir, f"the run directory {run_dir}")
+    out = args.out or run_dir
+    picture = os.path.join(out, PICTURE)
+    if os.path.isdir(picture):
+        where = f"--out={args.out}" if args.out else "the run directory"
+        cli.fail(f"{picture} is a directory: {PICTURE} cannot be written in {where}")
+    return config, picture
+
+
+def main_(argv=None):
+    args = parse_args(argv)
+    config, picture = checked_plan(args)
     tic = time.time()
-    trainer = train(args.steps, args.workdir)
+    trainer = train(config)
     train_seconds = time.time() - tic
     reference = data_utils.sample_toy("checkerboard", NUM, torch.Generator().manual_seed(123))
     floor = data_utils.sample_toy("checkerboard", NUM, torch.Generator().manual_seed(456))
@@ -129,8 +178,7 @@ def main_(args):
         )
     # The true density is uniform on 8 unit squares scaled by 1 / 0.45: area 8 / 0.45^2.
     true_nll = torch.log(torch.tensor(8 / 0.45**2)).item() / 2
-    os.makedirs(args.out, exist_ok=True)
-    picture = os.path.join(args.out, "checkerboard_samples.png")
+    os.makedirs(os.path.dirname(picture) or ".", exist_ok=True)
     trajectory = []
     trainer.generate(NUM, solver="heun", steps=32, denoise_final=False, trajectory=trajectory)
     picks = [trajectory[i] for i in (0, 8, 16, 24, 32)]
@@ -138,8 +186,6 @@ def main_(args):
     command = f"python benchmarks/solvers.py --steps {args.steps}"
     report = "\n".join(
         [
-            "# Benchmarks",
-            "",
             "## Checkerboard: sample quality against NFE",
             "",
             f"Produced by `{command}` on a 2-core CPU (training: {train_seconds:.0f} s, "
@@ -155,7 +201,7 @@ def main_(args):
             "",
             *lines,
             "",
-            f"![samples from noise to data, heun 32 steps]({os.path.basename(picture)})",
+            f"![samples from noise to data, heun 32 steps]({PICTURE})",
             "",
             "## Checkerboard: negative log-likelihood",
             "",
@@ -167,14 +213,10 @@ def main_(args):
             "",
         ]
     )
-    with open(os.path.join(args.out, "benchmarks.md"), "w") as f:
-        f.write(report)
+    print("Paste the two sections below into docs/benchmarks.md.\n")
     print(report)
+    print(f"picture: {picture} (copy it to docs/{PICTURE} beside docs/benchmarks.md)")
 
 
 if __name__ == "__main__":
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--steps", type=int, default=5000)
-    parser.add_argument("--workdir", default="ckpts")
-    parser.add_argument("--out", default="docs")
-    main_(parser.parse_args())
+    main_()

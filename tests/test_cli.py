@@ -52,8 +52,9 @@ def last_line(text):
             "--out=/proc/x: cannot create files in /proc (",
         ),
         (
-            ["--mode=info", "--ckpt=x", "--config.sample.steps=3", "--config.train.lr=1"],
-            "--config.train.lr: only --config.sample.*, eval.*, logging.* and data.root, data.",
+            ["--mode=info", "--ckpt=x", "--config.sample.solver=nope", "--config.train.lr=1"],
+            "--mode=info prints the checkpoint as saved and takes no --config.* flag: drop "
+            "--config.sample.solver (and 3 more)",
         ),
         (
             ["--config=config.py:moons", "--config.sample.guidance_scale=2"],
@@ -236,6 +237,18 @@ def test_python_api_loads_a_checkpoint_and_samples(tmp_path):
     assert sde.shape == (4, 8, 8, 1) and nfe == 3
     with pytest.raises(ValueError, match="sample.solver"):
         model.sample(2, solver="nope")
+    for call, message in [
+        (lambda: model.sample(0), r"sample.num=0 must be an integer in \[1, 10\*\*8\]"),
+        (lambda: model.sample(2.5), "sample.num=2.5 must be of type int, not float"),
+        (lambda: model.sample(2, steps="5"), "sample.steps='5' must be of type int, not str"),
+        (lambda: model.sample(2, use_ema=False), r"the weights are chosen by load_model\("),
+        (lambda: main.load_model(trainer.run_dir, device="tpu"), "device='tpu' is not a torch"),
+        (lambda: main.load_model(""), "ckpt= is empty: give a checkpoint file or a run dir"),
+    ]:
+        with pytest.raises(ValueError, match=message):
+            call()
+    raw = main.load_model(trainer.run_dir, use_ema=False).sample(12, solver="euler", steps=3)[0]
+    assert not np.array_equal(raw, images)  # the raw weights, not the EMA's
 
 
 def test_main_runs_from_another_directory(tmp_path):

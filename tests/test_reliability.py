@@ -502,6 +502,29 @@ def four_steps(tmp_path_factory):
     return Path(main.train(tiny_config("digits", workdir, train__steps=4), {}, SINGLE).run_dir)
 
 
+def test_checkpoint_paths_that_are_not_checkpoints_get_one_line(tmp_path):
+    """--ckpt= empty, a symbolic link loop, a directory named like a checkpoint inside a run,
+    and a power-EMA snapshot: each names what it is (before, 'no such file' or a missing key)."""
+    (tmp_path / "loop").symlink_to(tmp_path / "loop")
+    (tmp_path / "ckpt_0000005.pt").mkdir()
+    snapshot = tmp_path / "ema_0000004.pt"
+    torch.save({"step": 4, "stds": [0.1], "gammas": [6.9], "profiles": [{}]}, snapshot)
+    cases = [
+        ("", "--ckpt= is empty: give a checkpoint file or a run directory"),
+        (tmp_path / "loop", f"--ckpt={tmp_path / 'loop'}: a symbolic link to nothing"),
+        (snapshot, f"{snapshot} is a power-EMA snapshot, not a checkpoint: make a checkpoint"),
+    ]
+    for path, message in cases:
+        with pytest.raises(ValueError) as info:
+            checkpoints.resolve(str(path))
+        assert str(info.value).startswith(message), info.value
+    warnings = []  # a run directory whose only "checkpoint" is a directory
+    with pytest.raises(ValueError) as info:
+        checkpoints.resolve(str(tmp_path), warn=warnings.append)
+    assert str(info.value) == f"--ckpt={tmp_path}: no loadable ckpt_*.pt in this directory"
+    assert f"{tmp_path / 'ckpt_0000005.pt'} is a directory, not a checkpoint file" in warnings[0]
+
+
 @pytest.mark.parametrize(
     "kind,reason",
     [
