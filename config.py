@@ -634,7 +634,7 @@ VALUE_RULES = {
     "train.consistency_p_std": POSITIVE_REAL,
     "train.consistency_s0": POSITIVE,
     "train.consistency_s1": POSITIVE,
-    "sample.guidance_scale": FINITE,
+    "sample.guidance_scale": _number_in(-100, 100),  # far beyond any useful w; 1e30 gave NaN
     "sample.guidance_interval": (_pair_in_unit_interval, "a pair (lo, hi) with 0 <= lo <= hi <= 1"),
     "sample.clip_percentile": _number_in(0, 1, low_open=True),
     "sample.num": (lambda v: _is_int(v) and 1 <= v <= MAX_SAMPLES, "an integer in [1, 10**8]"),
@@ -642,7 +642,10 @@ VALUE_RULES = {
     "sample.seed": SEED,
     "sample.t_min": TIME,
     "sample.t_max": TIME,
-    "eval.nll_num": NON_NEGATIVE,
+    "eval.nll_num": (  # a standard error needs two points
+        lambda v: _is_int(v) and (v == 0 or 2 <= v <= MAX_SAMPLES),
+        "0 (no likelihood) or an integer in [2, 10**8]",
+    ),
     "eval.nll_steps": POSITIVE,
     "eval.num_probes": POSITIVE,
     "eval.seed": SEED,

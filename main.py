@@ -165,6 +165,11 @@ def check_combinations(config, process, world_size=1):
             f"model.name={config.model.name} takes {NETWORK_DATA[config.model.name]}, but "
             f"data.name={config.data.name} holds {kind}: use model.name in {fits}"
         )
+    if kind == "points" and s.clip_x0 != "none":
+        raise ValueError(
+            f"sample.clip_x0={s.clip_x0} clips x0_hat to the image range [-1, 1], but "
+            f"data.name={config.data.name} holds 2-D points: set sample.clip_x0=none"
+        )
     if base != "gaussian" and config.data.name not in data_utils.TOY_SETS:
         raise ValueError(
             f"process.base={base} needs 2-D data; data.name={config.data.name} is "

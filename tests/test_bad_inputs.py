@@ -148,8 +148,31 @@ BAD_VALUES = [
     ("digits", "seed", 2**63, "seed=9223372036854775808 must be an integer in [0, 2**63)"),
     ("digits", "sample.seed", -3, "sample.seed=-3 must be an integer in [0, 2**63)"),
     ("digits", "eval.seed", -3, "eval.seed=-3 must be an integer in [0, 2**63)"),
-    ("digits", "sample.guidance_scale", NAN, "sample.guidance_scale=nan must be a finite number"),
-    ("digits", "sample.guidance_scale", INF, "sample.guidance_scale=inf must be a finite number"),
+    (
+        "digits",
+        "sample.guidance_scale",
+        NAN,
+        "sample.guidance_scale=nan must be a finite number in [-100, 100]",
+    ),
+    (
+        "digits",
+        "sample.guidance_scale",
+        INF,
+        "sample.guidance_scale=inf must be a finite number in [-100, 100]",
+    ),
+    (
+        "moons",
+        "sample.clip_x0",
+        "static",
+        "sample.clip_x0=static clips x0_hat to the image range [-1, 1], but data.name=moons "
+        "holds 2-D points: set sample.clip_x0=none",
+    ),
+    (
+        "digits",
+        "sample.guidance_scale",
+        1e30,
+        "sample.guidance_scale=1e+30 must be a finite number in [-100, 100]",
+    ),
     (
         "digits",
         "sample.guidance_interval",
@@ -235,7 +258,18 @@ BAD_VALUES = [
     ),
     ("moons", "model.hidden", 0, "model.hidden=0 must be positive (an integer >= 1)"),
     ("moons", "model.num_blocks", 0, "model.num_blocks=0 must be positive (an integer >= 1)"),
-    ("digits", "eval.nll_num", -1, "eval.nll_num=-1 must be an integer >= 0"),
+    (
+        "digits",
+        "eval.nll_num",
+        -1,
+        "eval.nll_num=-1 must be 0 (no likelihood) or an integer in [2, 10**8]",
+    ),
+    (
+        "moons",
+        "eval.nll_num",
+        1,
+        "eval.nll_num=1 must be 0 (no likelihood) or an integer in [2, 10**8]",
+    ),
     ("digits", "eval.nll_steps", 0, "eval.nll_steps=0 must be positive (an integer >= 1)"),
     ("digits", "eval.num_probes", 0, "eval.num_probes=0 must be positive (an integer >= 1)"),
     ("digits", "name", "", f"name='' must be {NAME_RULE}"),
