@@ -889,6 +889,31 @@ def os_error_line(e):
     )
 
 
+def is_out_of_memory(error):
+    """True for a failed allocation: Python's MemoryError, torch's CUDA OutOfMemoryError, or
+    the RuntimeError of torch's CPU allocator."""
+    if isinstance(error, (MemoryError, torch.OutOfMemoryError)):
+        return True
+    text = str(error)
+    return "can't allocate memory" in text or "std::bad_alloc" in text
+
+
+# What to lower, per mode, when memory runs out.
+MEMORY_KNOBS = {
+    "train": "sample.batch_size or eval.nll_num (both allowed on resume), or train.batch_size "
+    "or raise train.grad_accum (a new run: --config.name=NEW)",
+    "sample": "sample.batch_size or sample.num",
+    "eval": "sample.batch_size, sample.num or eval.nll_num",
+    "info": "nothing: the checkpoint itself does not fit",
+}
+
+
+def out_of_memory_line(error, mode):
+    """One line for running out of memory in `mode`: torch's first line and what to lower."""
+    first = (str(error).strip().splitlines() or [type(error).__name__])[0][:200]
+    return f"out of memory in --mode={mode} ({first}): lower {MEMORY_KNOBS[mode]}"
+
+
 def main(argv):
     if len(argv) > 1:
         fail(f"unexpected argument(s) {argv[1:]}: every option is a flag, e.g. --mode=sample")
@@ -905,6 +930,10 @@ def main(argv):
         fail(e)
     except OSError as e:  # includes FileNotFoundError and PermissionError
         fail(os_error_line(e))
+    except (MemoryError, RuntimeError) as e:  # torch.OutOfMemoryError is a RuntimeError
+        if not is_out_of_memory(e):
+            raise
+        fail(out_of_memory_line(e, FLAGS.mode))
     finally:
         utils.cleanup_distributed()
 

@@ -285,3 +285,32 @@ def test_run_sh_checks_its_launch_variables_first(variable, value, valid):
     )
     assert result.returncode == 1 and result.stdout == ""
     assert result.stderr == f"error: {variable}={value} must be a whole number in {valid}\n"
+
+
+OOM_SCRIPT = """
+import sys
+from absl import app
+import main
+def sample(*args):
+    raise RuntimeError("DefaultCPUAllocator: can't allocate memory: you tried to allocate "
+                       "25600000000 bytes.\\nmore")
+main.MODE_FNS["sample"] = sample
+main.check_argv(sys.argv)
+main.define_flags()
+app.run(main.main, flags_parser=main.parse_flags)
+"""
+
+
+def test_running_out_of_memory_is_one_line_saying_what_to_lower():
+    result = subprocess.run(
+        [sys.executable, "-c", OOM_SCRIPT, "--mode=sample", "--ckpt=x"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+    )
+    assert result.returncode == 1
+    assert result.stderr == (
+        "error: out of memory in --mode=sample (DefaultCPUAllocator: can't allocate memory: you "
+        "tried to allocate 25600000000 bytes.): lower sample.batch_size or sample.num\n"
+    )
+    assert main.is_out_of_memory(MemoryError()) and not main.is_out_of_memory(RuntimeError("x"))
