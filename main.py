@@ -602,12 +602,17 @@ def check_checkpoint_overrides(overrides):
             )
 
 
-def load_for_sampling(config_overrides, dist_info, ckpt=None, evaluating=None, flag="--ckpt"):
+def load_for_sampling(
+    config_overrides, dist_info, ckpt=None, evaluating=None, flag="--ckpt", preset=None
+):
     """(config, process, EMA-or-raw net, data_info, num_classes, state, path) of --ckpt (or of
-    `ckpt`, named `flag` in messages)."""
+    `ckpt`, named `flag` in messages). `preset`: the command line's --config, checked against
+    the checkpoint (check_preset_fits)."""
     ckpt = FLAGS.ckpt if ckpt is None else ckpt
     evaluating = FLAGS.mode == "eval" if evaluating is None else evaluating
     state, path = load_checkpoint(ckpt, flag)
+    if preset is not None:
+        check_preset_fits(preset, checkpoints.config_of(state), path)
     config = checkpoint_config(state, config_overrides)
     process = check_config(config, dist_info.world_size, evaluating=evaluating)
     info = state["data_info"]
@@ -685,11 +690,31 @@ def load_model(ckpt, use_ema=True, device=None):
     return LoadedModel(ckpt, use_ema, device)
 
 
+# What a preset given with --ckpt must agree on with the checkpoint (it is not used otherwise).
+PRESET_KEYS = ("data.name", "model.name")
+
+
+def check_preset_fits(preset, saved, path):
+    """With --ckpt the checkpoint's own config is used; an explicit --config=PRESET that
+    describes other data or another network is a mistake worth one line, not silence."""
+    if not FLAGS["config"].present:
+        return
+    flat = config_lib.flatten(config_lib.with_defaults(saved))
+    given = config_lib.flatten(preset)
+    for key in PRESET_KEYS:
+        if key in flat and flat[key] != given[key]:
+            name = config_flags.get_config_filename(FLAGS["config"])
+            raise ValueError(
+                f"--config={name} has {key}={given[key]}, but {path} was trained with "
+                f"{key}={flat[key]}: with --ckpt the checkpoint's own config is used; drop "
+                f"--config or pass the matching checkpoint"
+            )
+
+
 def sample(config, config_overrides, dist_info):
     """--mode=sample: samples.npz, grid.png / scatter.png and trajectory.png in --out."""
-    del config  # the checkpoint's own config is used, with the command line's sample overrides
     config, process, net, info, num_classes, state, path = load_for_sampling(
-        config_overrides, dist_info
+        config_overrides, dist_info, preset=config
     )
     s = config.sample
     out = FLAGS.out or os.path.join(os.path.dirname(path), "samples")
@@ -742,9 +767,8 @@ def sample(config, config_overrides, dist_info):
 
 def evaluate(config, config_overrides, dist_info):
     """--mode=eval: sample-quality metrics and NLL as one JSON object on the last stdout line."""
-    del config
     config, process, net, info, num_classes, state, path = load_for_sampling(
-        config_overrides, dist_info
+        config_overrides, dist_info, preset=config
     )
     e = config.eval
     nll_data = None
@@ -761,6 +785,7 @@ def evaluate(config, config_overrides, dist_info):
 def info(config, config_overrides, dist_info):
     del config_overrides
     state, path = load_checkpoint(FLAGS.ckpt)
+    check_preset_fits(config, checkpoints.config_of(state), path)
     if not dist_info.is_main:
         return
     config = config_lib.with_defaults(checkpoints.config_of(state))

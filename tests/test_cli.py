@@ -204,6 +204,13 @@ def test_points_sample_mode_writes_scatter(tmp_path):
         "sample.guidance_scale=1\n"
     )
     assert not os.path.exists(os.path.join(trainer.run_dir, "samples"))
+    path = main.load_checkpoint(trainer.run_dir)[1]
+    other = run_main("--mode=info", "--config=config.py:checkerboard", f"--ckpt={path}")
+    assert other.returncode == 1 and other.stderr == (
+        f"error: --config=config.py:checkerboard has data.name=checkerboard, but {path} was "
+        f"trained with data.name=moons: with --ckpt the checkpoint's own config is used; drop "
+        f"--config or pass the matching checkpoint\n"
+    )
     default_out = os.path.join(trainer.run_dir, "samples")
     open(default_out, "w").close()  # where the samples would go without --out: a file
     blocked = run_main("--mode=sample", f"--ckpt={trainer.run_dir}", "--config.sample.num=5")
