@@ -768,9 +768,20 @@ def _consistency_ranges(c, world_size):
     return None
 
 
+def _churn_range(c, world_size):
+    s = c.sample
+    if s.s_tmin > s.s_tmax:
+        return (
+            f"sample.s_tmin={s.s_tmin} must be <= sample.s_tmax={s.s_tmax} (edm_sde churns where "
+            f"the noise level is in [s_tmin, s_tmax]; an empty range would silently disable it)"
+        )
+    return None
+
+
 CROSS_CHECKS = (
     _batch_divisible,
     _consistency_ranges,
+    _churn_range,
     _unet_downsampling,
     _unet_attention_heads,
     _dit_patches,

@@ -161,6 +161,13 @@ BAD_VALUES = [
         "sample.guidance_scale=inf must be a finite number in [-100, 100]",
     ),
     (
+        "digits",
+        "sample.s_tmin",
+        2e9,
+        "sample.s_tmin=2000000000.0 must be <= sample.s_tmax=1000000000.0 (edm_sde churns "
+        "where the noise level is in [s_tmin, s_tmax]; an empty range would silently disable it)",
+    ),
+    (
         "moons",
         "sample.clip_x0",
         "static",
