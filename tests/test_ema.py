@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 import torch
 
+import checkpoints
 import ema
 import utils
 
@@ -258,54 +259,296 @@ def test_bad_snapshot_file_is_one_line_error(tmp_path):
 # ---------------------------------------------------------------------------------------------
 # the script
 # ---------------------------------------------------------------------------------------------
-def base_checkpoint(net, path):
-    state = {"step": STEPS, "model": net.state_dict(), "ema": {"model": net.state_dict()}}
-    torch.save(state, path)
+def write_checkpoint(path, out_features=5, step=STEPS):
+    """A checkpoint that checkpoints.load accepts, of a net shaped like the trained one."""
+    torch.manual_seed(1)
+    weights = torch.nn.Sequential(torch.nn.Linear(6, out_features)).state_dict()
+    state = {
+        "step": step,
+        "model": weights,
+        "ema": {"model": {k: v.clone() for k, v in weights.items()}},
+        "optimizer": {},
+        "scheduler": {},
+        "loader": {},
+        "rng": [],
+        "world_size": 1,
+        "config": "{}",
+        "data_info": {"shape": [6], "num_classes": 0, "kind": "points"},
+        "metrics": {},
+        "healthy": True,
+    }
+    utils.atomic_torch_save(state, str(path))
+    return state
 
 
-def test_script_writes_a_checkpoint_with_the_reconstructed_ema(trained, tmp_path, capsys):
-    run_dir, net, power, history = trained
-    ckpt = os.path.join(run_dir, "ckpt_0000600.pt")
-    base_checkpoint(net, ckpt)
-    out = str(tmp_path / "posthoc" / "ckpt_0000600.pt")
-    assert posthoc_ema.main(["--ckpt", ckpt, "--sigma_rel", "0.10", "--out", out]) == 0
-    assert "relative profile error" in capsys.readouterr().out
-    written = torch.load(out, weights_only=True)
-    assert written["step"] == STEPS and torch.equal(written["model"]["0.weight"], net[0].weight)
+@pytest.fixture(scope="module")
+def run_dir(trained):
+    """The trained run with a checkpoint at its last step beside its snapshots."""
+    write_checkpoint(os.path.join(trained[0], "ckpt_0000600.pt"))
+    return trained[0]
+
+
+def files_under(*folders):
+    """{path: (size, mtime)} of every file and folder below `folders`: to see that nothing was
+    written."""
+    found = {}
+    for folder in folders:
+        for root, dirs, names in os.walk(folder):
+            for name in dirs + names:
+                path = os.path.join(root, name)
+                found[path] = (os.path.getsize(path), os.stat(path).st_mtime_ns)
+    return found
+
+
+def call(argv, capsys):
+    """(exit status, stdout, stderr) of the script's main."""
+    code = posthoc_ema.main([str(a) for a in argv])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def fit_error(run_dir, sigma_rel, step):
+    entries = ema.read_snapshot_profiles(snapshot_paths(run_dir))
+    steps, gammas = [e[2] for e in entries], [e[3] for e in entries]
+    return ema.solve_posthoc_coefficients(steps, gammas, step, ema.gamma_of_sigma_rel(sigma_rel))
+
+
+@pytest.mark.parametrize("ckpt_arg", ["RUN", "RUN/ckpt_0000600.pt"])
+def test_script_writes_a_checkpoint_with_the_reconstructed_ema(
+    run_dir, trained, tmp_path, capsys, ckpt_arg
+):
+    """--ckpt is a run directory (README's command) or a checkpoint file in it."""
+    _, _, power, _ = trained
+    ckpt = ckpt_arg.replace("RUN", run_dir)
+    out = tmp_path / "posthoc" / "ckpt.pt"
+    code, stdout, err = call(["--ckpt", ckpt, "--sigma_rel", "0.10", "--out", out], capsys)
+    assert (code, err) == (0, "")
+    written = checkpoints.load(str(out))  # a valid checkpoint
+    error = written["posthoc_ema"]["relative_profile_error"]
+    assert stdout == (
+        f"wrote {out}: EMA sigma_rel=0.1 (gamma {ema.gamma_of_sigma_rel(0.1):.3f}) at step 600 "
+        f"from 24 snapshot profiles in 12 files, relative profile error {error:.2e}; base "
+        f"checkpoint {os.path.join(run_dir, 'ckpt_0000600.pt')} (step 600)\n"
+    )
+    base = torch.load(os.path.join(run_dir, "ckpt_0000600.pt"), weights_only=True)
+    assert written["step"] == STEPS and torch.equal(
+        written["model"]["0.weight"], base["model"]["0.weight"]
+    )
     net_like = torch.nn.Sequential(torch.nn.Linear(6, 5))
     net_like.load_state_dict(written["ema"]["model"])
     torch.testing.assert_close(flat(net_like), flat(power.profiles[1]), rtol=0, atol=1e-5)
-    assert written["posthoc_ema"]["sigma_rel"] == 0.10
+    assert written["posthoc_ema"]["sigma_rel"] == 0.10 and error < 1e-4
+    assert sorted(os.listdir(tmp_path / "posthoc")) == ["ckpt.pt"]  # no temporary file left
 
 
-@pytest.mark.parametrize(
-    "args, message",
-    [
-        (["--sigma_rel", "0.5"], "relative std 0.5 must be in"),
-        (["--snapshots", "nowhere"], "--snapshots: nowhere is neither"),
-        (["--out", "RUN/ckpt_0000700.pt"], "would be taken as the run's newest checkpoint"),
-        (["--ckpt", "RUN/ema_snapshots/ema_0000050.pt"], "has no EMA weights (key ema.model)"),
-        (["--ckpt", "TMP/other.pt"], "the snapshots hold a different network"),
-        (["--ckpt", "TMP/missing.pt"], "missing.pt is not a readable checkpoint"),
-    ],
-)
-def test_script_errors_are_one_line(trained, tmp_path, capsys, args, message):
-    run_dir, net, _, _ = trained
+def test_script_reconstructs_at_an_earlier_step(run_dir, tmp_path, capsys):
+    """--step 300: the tracked profile of sigma_rel 0.10 at step 300, as its snapshot holds it."""
+    out = tmp_path / "at300.pt"
+    argv = ["--ckpt", run_dir, "--sigma_rel", "0.10", "--out", out, "--step", "300"]
+    assert call(argv, capsys)[:1] == (0,)
+    snapshot = torch.load(ema.snapshot_path(run_dir, 300), weights_only=True)
+    written = torch.load(out, weights_only=True)
+    assert written["posthoc_ema"]["step"] == 300
+    for name, value in snapshot["profiles"][1].items():
+        torch.testing.assert_close(written["ema"]["model"][name], value, rtol=0, atol=1e-5)
+
+
+def test_script_refuses_a_step_after_the_newest_snapshot(run_dir, tmp_path, capsys):
+    """It used to write all-zero EMA weights (a profile the snapshots do not reach)."""
+    before = files_under(run_dir, tmp_path)
     ckpt = os.path.join(run_dir, "ckpt_0000600.pt")
-    base_checkpoint(net, ckpt)
-    base_checkpoint(torch.nn.Sequential(torch.nn.Linear(6, 4)), tmp_path / "other.pt")
-    options = {
-        "--ckpt": ckpt,
-        "--sigma_rel": "0.1",
-        "--out": str(tmp_path / "out.pt"),
-        "--snapshots": os.path.join(run_dir, ema.SNAPSHOT_DIR),
-    }
-    options.update(dict(zip(args[::2], args[1::2], strict=True)))
+    argv = ["--ckpt", ckpt, "--sigma_rel", "0.08", "--out", tmp_path / "o.pt", "--step", "601"]
+    assert call(argv, capsys) == (
+        1,
+        "",
+        "error: --step 601 is after the newest snapshot (step 600): the EMA can only be "
+        "reconstructed at steps up to 600\n",
+    )
+    assert files_under(run_dir, tmp_path) == before
+
+
+def test_script_refuses_a_fit_the_snapshots_cannot_make(run_dir, tmp_path, capsys):
+    """Step 10 lies before the first snapshot (50): no combination of the profiles is close."""
+    _, error = fit_error(run_dir, 0.08, 10)
+    assert error > 0.5
+    before = files_under(run_dir, tmp_path)
+    ckpt = os.path.join(run_dir, "ckpt_0000600.pt")
+    argv = ["--ckpt", ckpt, "--sigma_rel", "0.08", "--out", tmp_path / "o.pt", "--step", "10"]
+    assert call(argv, capsys) == (
+        1,
+        "",
+        f"error: --sigma_rel 0.08 at step 10: the snapshots fit its profile with relative error "
+        f"{error:.2f} > 0.5, so the result would not be that EMA: choose a --step the snapshots "
+        "cover, or train with more snapshots (--config.train.ema_snapshot_every) and relative "
+        "stds around it (--config.train.ema_stds)\n",
+    )
+    assert files_under(run_dir, tmp_path) == before
+
+
+def test_script_refuses_a_run_without_snapshots(tmp_path, capsys):
+    """A classic-EMA run, or a power one without train.ema_snapshot_every."""
+    run = tmp_path / "classic"
+    write_checkpoint(run / "ckpt_0000600.pt")
+    before = files_under(tmp_path)
+    code, out, err = call(
+        ["--ckpt", run, "--sigma_rel", "0.08", "--out", tmp_path / "o.pt"], capsys
+    )
+    assert (code, out) == (1, "")
+    assert err == (
+        f"error: --ckpt {run}: no EMA snapshots (ema_<step>.pt) in {run / 'ema_snapshots'}: "
+        "post-hoc EMA needs a run trained with --config.train.ema=power "
+        "--config.train.ema_snapshot_every=N (or name snapshot folders or files with "
+        "--snapshots)\n"
+    )
+    assert files_under(tmp_path) == before
+
+
+NOT_A_FILE = "is not a file name: name the checkpoint file to write, e.g. posthoc/ckpt.pt"
+LIKE_A_CKPT = (
+    "a file named ckpt_<step>.pt would be taken as a run's newest checkpoint: choose another "
+    "name, e.g. posthoc/ckpt.pt"
+)
+LIKE_A_SNAPSHOT = (
+    "a file named ema_<step>.pt or in an ema_snapshots folder would be read as an EMA snapshot: "
+    "write it elsewhere, e.g. posthoc/ckpt.pt"
+)
+OUT_ERRORS = [
+    ("TMP", f"--out 'TMP' {NOT_A_FILE}"),
+    ("", f"--out '' {NOT_A_FILE}"),
+    ("TMP/new/", f"--out 'TMP/new/' {NOT_A_FILE}"),
+    ("TMP/new/.", f"--out 'TMP/new/.' {NOT_A_FILE}"),
+    ("RUN/ckpt_0000600.pt", f"--out RUN/ckpt_0000600.pt: {LIKE_A_CKPT}"),
+    ("TMP/new/ckpt_0000001.pt", f"--out TMP/new/ckpt_0000001.pt: {LIKE_A_CKPT}"),
+    ("RUN/ema_snapshots/ema_0000050.pt",
+     f"--out RUN/ema_snapshots/ema_0000050.pt: {LIKE_A_SNAPSHOT}"),
+    ("TMP/ema_0000004.pt", f"--out TMP/ema_0000004.pt: {LIKE_A_SNAPSHOT}"),
+    ("RUN/ema_snapshots/posthoc.pt", f"--out RUN/ema_snapshots/posthoc.pt: {LIKE_A_SNAPSHOT}"),
+    ("TMP/existing.pt", "--out TMP/existing.pt exists: pass --force to replace it, or choose "
+     "another file"),
+    ("TMP/existing.pt/out.pt", "--out TMP/existing.pt/out.pt: TMP/existing.pt is a file, not a "
+     "folder"),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize("out, message", OUT_ERRORS)
+def test_script_out_errors_come_first_and_write_nothing(run_dir, tmp_path, capsys, out, message):
+    """--out is checked before anything else: the other arguments here are bad too."""
+    (tmp_path / "existing.pt").write_bytes(b"keep me")
+    before = files_under(run_dir, tmp_path)
+    out = out.replace("RUN", run_dir).replace("TMP", str(tmp_path))
+    argv = ["--ckpt", tmp_path / "missing", "--sigma_rel", "0.5", "--out", out, "--step", "0"]
+    message = message.replace("RUN", run_dir).replace("TMP", str(tmp_path))
+    assert call(argv, capsys) == (1, "", f"error: {message}\n")
+    assert files_under(run_dir, tmp_path) == before
+
+
+def test_script_force_replaces_an_existing_out(run_dir, tmp_path, capsys):
+    out = tmp_path / "existing.pt"
+    out.write_bytes(b"old")
+    argv = ["--ckpt", run_dir, "--sigma_rel", "0.08", "--out", out, "--force"]
+    assert call(argv, capsys)[:1] == (0,)
+    assert checkpoints.load(str(out))["posthoc_ema"]["sigma_rel"] == 0.08
+
+
+def test_script_refuses_to_overwrite_its_inputs_even_with_force(run_dir, tmp_path, capsys):
+    base, snap = tmp_path / "base.pt", tmp_path / "snap.pt"
+    write_checkpoint(base)
+    snap.write_bytes(open(ema.snapshot_path(run_dir, STEPS), "rb").read())
+    before = files_under(tmp_path)
+    for out in (base, snap):
+        argv = ["--ckpt", base, "--sigma_rel", "0.1", "--snapshots", snap, "--out", out, "--force"]
+        assert call(argv, capsys) == (
+            1,
+            "",
+            f"error: --out {out} is one of the input files (--ckpt, --snapshots): write the "
+            "result elsewhere, e.g. posthoc/ckpt.pt\n",
+        )
+    assert files_under(tmp_path) == before
+
+
+def test_script_counts_each_snapshot_file_once(run_dir, tmp_path, capsys):
+    """The same folder twice, a link to it and one of its files: 12 files, 24 profiles."""
+    folder = os.path.join(run_dir, ema.SNAPSHOT_DIR)
+    os.symlink(folder, tmp_path / "link")
+    out = tmp_path / "o.pt"
+    snapshots = [folder, folder, tmp_path / "link", ema.snapshot_path(run_dir, 300)]
+    ckpt = os.path.join(run_dir, "ckpt_0000600.pt")
+    argv = ["--ckpt", ckpt, "--sigma_rel", "0.08", "--out", out, "--snapshots", *snapshots]
+    code, stdout, _ = call(argv, capsys)
+    assert code == 0 and " from 24 snapshot profiles in 12 files, " in stdout
+    written = torch.load(out, weights_only=True)["posthoc_ema"]
+    expected, _ = fit_error(run_dir, 0.08, STEPS)
+    assert written["coefficients"] == pytest.approx(expected.tolist(), abs=1e-9)
+
+
+def test_script_help_is_whole(capsys):
+    assert posthoc_ema.main(["--help"]) == 0
+    out = " ".join(capsys.readouterr().out.split())
+    assert " ".join(posthoc_ema.__doc__.split()) in out
+    assert out.rstrip().endswith("--step STEP step of the EMA (default: the newest snapshot's)")
+
+
+def foreign_snapshot(path, out_features):
+    power = ema.PowerEMA(torch.nn.Linear(6, out_features), stds=(0.05, 0.10))
+    power.num_updates = 100
+    utils.atomic_torch_save(power.snapshot(), str(path))
+
+
+RANGE = "must be in (0, 0.2887) (typical: 0.05-0.15)"
+OTHER_NET = "(other parameter names or shapes): use the snapshots of the checkpoint's run"
+SCRIPT_ERRORS = [
+    (["--sigma_rel", "abc"], "argument --sigma_rel: invalid float value: 'abc' (see --help)"),
+    (["--out"], "argument --out: expected one argument (see --help)"),
+    (["--step", "-3"], "--step -3: must be a training step >= 1 (default: the newest "
+     "snapshot's)"),
+    (["--sigma_rel", "0.5"], f"--sigma_rel: relative std 0.5 {RANGE}"),
+    (["--sigma_rel", "nan"], f"--sigma_rel: relative std nan {RANGE}"),
+    (["--ckpt", "TMP/missing.pt"], "--ckpt TMP/missing.pt: no such checkpoint file or run "
+     "directory"),
+    (["--ckpt", ""], "--ckpt '': no such checkpoint file or run directory"),
+    (["--ckpt", "TMP/zeros.pt"], "--ckpt: TMP/zeros.pt holds a Tensor, not a checkpoint dict"),
+    (["--ckpt", "TMP/nockpt"], "--ckpt=TMP/nockpt: no loadable ckpt_*.pt in this directory"),
+    (["--ckpt", "TMP/other.pt"], "--snapshots: RUN/ema_snapshots/ema_0000050.pt holds a "
+     f"different network than --ckpt TMP/other.pt {OTHER_NET}"),
+    (["--snapshots", "SNAPS", "TMP/foreign"], "--snapshots: TMP/foreign/ema_0000100.pt holds a "
+     f"different network than --ckpt RUN/ckpt_0000600.pt {OTHER_NET}"),
+    (["--snapshots", "TMP/nowhere"], "--snapshots: TMP/nowhere is neither a snapshot file nor a "
+     "folder"),
+    (["--snapshots", "TMP/nockpt"], "--snapshots: no ema_<step>.pt files in TMP/nockpt"),
+    (["--snapshots", "TMP/dict.pt"], "--snapshots: TMP/dict.pt is not an EMA snapshot (a dict of "
+     "step, gammas, profiles, buffer_names written by a train.ema=power run)"),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize("args, message", SCRIPT_ERRORS)
+def test_script_errors_are_one_line(run_dir, tmp_path, capsys, args, message):
+    torch.save(torch.zeros(3), tmp_path / "zeros.pt")
+    torch.save({"step": 5, "gammas": [1.0]}, tmp_path / "dict.pt")
+    write_checkpoint(tmp_path / "other.pt", out_features=4)
+    foreign_snapshot(tmp_path / "foreign" / "ema_0000100.pt", out_features=4)
+    (tmp_path / "nockpt" / "ema_snapshots").mkdir(parents=True)
+    options = {"--ckpt": "RUN", "--sigma_rel": "0.1", "--out": "TMP/out.pt", "--snapshots": "SNAPS"}
+    options.update({args[0]: args[1:]})
     argv = []
-    for key, value in options.items():
-        argv += [key, value.replace("RUN", run_dir).replace("TMP", str(tmp_path))]
-    assert posthoc_ema.main(argv) == 2
-    err = capsys.readouterr().err
-    assert err.startswith("error: ") and err.count("\n") == 1
-    assert message in err
-    assert not os.path.exists(tmp_path / "out.pt")
+    for key, values in options.items():
+        values = [values] if isinstance(values, str) else values
+        argv += [key] + [v.replace("SNAPS", "RUN/ema_snapshots") for v in values]
+    before = files_under(run_dir, tmp_path)
+    argv = [a.replace("RUN", run_dir).replace("TMP", str(tmp_path)) for a in argv]
+    message = message.replace("RUN", run_dir).replace("TMP", str(tmp_path))
+    assert call(argv, capsys) == (1, "", f"error: {message}\n")
+    assert files_under(run_dir, tmp_path) == before
+
+
+@pytest.mark.parametrize("name", ["zeros.pt", "snapshot"])
+def test_script_reads_ckpt_through_checkpoint_validation(run_dir, tmp_path, capsys, name):
+    """--ckpt files are validated by checkpoints.load: its one line, after `--ckpt: `."""
+    path = str(tmp_path / "zeros.pt") if name == "zeros.pt" else ema.snapshot_path(run_dir, 50)
+    torch.save(torch.zeros(3), tmp_path / "zeros.pt")
+    with pytest.raises(checkpoints.CheckpointError) as reason:
+        checkpoints.load(path)
+    before = files_under(run_dir, tmp_path)
+    argv = ["--ckpt", path, "--sigma_rel", "0.1", "--out", tmp_path / "o.pt"]
+    argv += ["--snapshots", os.path.join(run_dir, ema.SNAPSHOT_DIR)]
+    assert call(argv, capsys) == (1, "", f"error: --ckpt: {reason.value}\n")
+    assert files_under(run_dir, tmp_path) == before

@@ -254,7 +254,7 @@ def test_dit_with_power_ema_snapshots_posthoc_and_sampling(tmp_path):
     with Image.open(os.path.join(trainer.run_dir, "loss.png")) as image:
         assert image.size[0] > 100
     ckpt = find_latest_checkpoint(trainer.run_dir)
-    out = str(tmp_path / "posthoc" / "ckpt_0000006.pt")
+    out = str(tmp_path / "posthoc" / "ckpt.pt")
     assert posthoc_ema.main(["--ckpt", ckpt, "--sigma_rel", "0.08", "--out", out]) == 0
     result = run_main(
         "--mode=sample",
