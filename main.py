@@ -807,6 +807,10 @@ def info(config, config_overrides, dist_info):
         "skipped_steps": state.get("skipped_steps", 0),
         "last_metrics": state.get("metrics", {}),
     }
+    if "posthoc_ema" in state:  # written by scripts/posthoc_ema.py: which EMA this is
+        record = state["posthoc_ema"]
+        keys = ("sigma_rel", "step", "relative_profile_error")
+        summary["posthoc_ema"] = {k: record[k] for k in keys if k in record}
     print(json.dumps(summary, indent=2))
 
 

@@ -266,6 +266,10 @@ def test_dit_with_power_ema_snapshots_posthoc_and_sampling(tmp_path):
     assert result.returncode == 0, result.stderr[-2000:]
     with np.load(tmp_path / "samples" / "samples.npz") as f:
         assert f["samples"].shape == (4, 8, 8, 1)
+    result = run_main("--mode=info", f"--ckpt={out}")
+    record = json.loads(result.stdout)["posthoc_ema"]
+    assert record["sigma_rel"] == 0.08 and record["step"] == 6
+    assert 0 <= record["relative_profile_error"] < 0.5
 
 
 def test_degenerate_samples_are_reported_in_one_line():
