@@ -2,24 +2,44 @@
 
     python benchmarks/compare_checkpoints.py RUN_A RUN_B
 
-Prints the largest absolute difference and exits 0 only when every tensor (weights, EMA,
-optimizer state, RNG states) is bit-identical and both hold the same step.
+RUN_A and RUN_B are each a checkpoint file or a run directory, whose checkpoint of the highest
+step is taken. Prints the largest absolute difference and exits 0 only when every tensor
+(weights, EMA, optimizer state, RNG states) is bit-identical and both hold the same step; a
+missing or unreadable checkpoint is one `error:` line (exit status 1).
 """
 
-import glob
 import os
 import sys
 
 import torch
 
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-def newest(path):
-    if os.path.isfile(path):
-        return path
-    found = sorted(glob.glob(os.path.join(path, "ckpt_*.pt")))
-    if not found:
-        sys.exit(f"error: no ckpt_*.pt in {path}")
-    return found[-1]
+import cli  # noqa: E402  (benchmarks/cli.py: argument validators)
+
+import checkpoints  # noqa: E402
+
+
+def newest(path, name):
+    """The checkpoint file `path` names (itself, or its run directory's newest by step); exits
+    with one line naming the argument `name` when there is none."""
+    if os.path.isdir(path):
+        found = checkpoints.find_latest(path)
+        if found is None:
+            cli.fail(f"{name}={path}: no ckpt_*.pt in this directory")
+        path = found
+    elif not os.path.exists(path):
+        cli.fail(f"{name}={path}: no such file or directory")
+    return path
+
+
+def load(path, name):
+    """The checkpoint file `path` (checkpoints.load: never runs code from the file); exits with
+    one line naming the argument `name` if it is not one."""
+    try:
+        return checkpoints.load(path)
+    except checkpoints.CheckpointError as e:
+        cli.fail(f"{name}: {e}")
 
 
 def tensors(obj, prefix=""):
@@ -39,9 +59,7 @@ def tensors(obj, prefix=""):
     return out
 
 
-def main(path_a, path_b):
-    a = torch.load(newest(path_a), map_location="cpu", weights_only=True)
-    b = torch.load(newest(path_b), map_location="cpu", weights_only=True)
+def compare(a, b):
     ta, tb = tensors(a), tensors(b)
     if ta.keys() != tb.keys():
         sys.exit(f"different tensors: {sorted(ta.keys() ^ tb.keys())[:5]}")
@@ -61,7 +79,14 @@ def main(path_a, path_b):
     sys.exit(0 if name is None and step_a == step_b else 1)
 
 
+def main(argv=None):
+    parser = cli.Parser(description=__doc__.split("\n")[0])
+    parser.add_argument("run_a", metavar="RUN_A", help="a checkpoint file or a run directory")
+    parser.add_argument("run_b", metavar="RUN_B", help="a checkpoint file or a run directory")
+    args = parser.parse_args(argv)
+    path_a, path_b = newest(args.run_a, "RUN_A"), newest(args.run_b, "RUN_B")
+    compare(load(path_a, "RUN_A"), load(path_b, "RUN_B"))
+
+
 if __name__ == "__main__":
-    if len(sys.argv) != 3:
-        sys.exit(__doc__)
-    main(sys.argv[1], sys.argv[2])
+    main()

@@ -11,7 +11,6 @@ utils.HostSyncCounter records the operators that would sync. train.ot_pairing sy
 status 1 if any failed.
 """
 
-import argparse
 import os
 import sys
 import tempfile
@@ -21,7 +20,8 @@ import torch
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-from throughput import bench_config  # noqa: E402  (benchmarks/ is this script's folder)
+import cli  # noqa: E402  (benchmarks/ is this script's folder)
+from throughput import bench_config  # noqa: E402
 
 import main  # noqa: E402
 import utils  # noqa: E402
@@ -65,12 +65,12 @@ def check(name, precision, steps):
         return syncs.hits[:3] or None
 
 
-def main_cli():
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+def main_cli(argv=None):
+    parser = cli.Parser(description=__doc__.split("\n")[0])
     parser.add_argument("--checks", nargs="+", default=list(CHECKS), choices=list(CHECKS))
     parser.add_argument("--precision", default="fp32", choices=["fp32", "bf16"])
-    parser.add_argument("--steps", type=int, default=3)
-    args = parser.parse_args()
+    parser.add_argument("--steps", type=cli.int_in(1), default=3, help="checked steps per check")
+    args = parser.parse_args(argv)
     failed = 0
     for name in args.checks:
         problem = check(name, args.precision, args.steps)

@@ -46,6 +46,8 @@ import torch
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
+import cli  # noqa: E402  (benchmarks/cli.py: argument validators)
+
 import config as config_lib  # noqa: E402
 import main  # noqa: E402
 import optimizers  # noqa: E402
@@ -500,14 +502,28 @@ def main_(args):
     return None
 
 
-if __name__ == "__main__":
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--presets", nargs="+", default=["digits", "checkerboard"])
-    parser.add_argument("--rounds", type=int, default=20)
-    parser.add_argument("--steps-per-round", type=int, default=20)
-    parser.add_argument("--parts", type=int, default=200, help="step pairs of the parts table")
-    parser.add_argument("--batch", type=int, default=0)
+def parse_args(argv=None):
+    parser = cli.Parser(description=__doc__.split("\n")[0])
+    parser.add_argument(
+        "--presets",
+        nargs="+",
+        default=["digits", "checkerboard"],
+        choices=sorted(config_lib.PRESETS),
+    )
+    parser.add_argument("--rounds", type=cli.int_in(1), default=20)
+    parser.add_argument("--steps-per-round", type=cli.int_in(1), default=20)
+    parser.add_argument(
+        "--parts", type=cli.int_in(0), default=200, help="step pairs of the parts table (0: none)"
+    )
+    parser.add_argument("--batch", type=cli.int_in(0), default=0, help="the --gpu batch (0: 128)")
     parser.add_argument("--gpu", action="store_true")
     parser.add_argument("--no-scaling", action="store_true")
     parser.add_argument("--ddp-worker", action="store_true", help=argparse.SUPPRESS)
-    main_(parser.parse_args())
+    args = parser.parse_args(argv)
+    if args.batch and not (args.gpu or args.ddp_worker):
+        cli.fail("--batch is only used with --gpu (the CPU tables use each preset's batch)")
+    return args
+
+
+if __name__ == "__main__":
+    main_(parse_args())
