@@ -44,25 +44,9 @@ def last_line(text):
         (["--mode=sample", "--ckpt=x", "--out=README.md"], "--out=README.md is a file"),
         (["--mode=sample", "--ckpt=x", "--out="], "--out= is empty: give a directory"),
         (
-            ["--mode=sample", "--ckpt=x", "--out=README.md/sub"],
-            f"--out=README.md/sub is inside the file {ROOT}/README.md; give a directory",
-        ),
-        (
-            ["--mode=sample", "--ckpt=x", "--out=/proc/x"],
-            "--out=/proc/x: cannot create files in /proc (",
-        ),
-        (
             ["--mode=info", "--ckpt=x", "--config.sample.solver=nope", "--config.train.lr=1"],
             "--mode=info prints the checkpoint as saved and takes no --config.* flag: drop "
             "--config.sample.solver (and 3 more)",
-        ),
-        (
-            ["--config=config.py:moons", "--config.sample.guidance_scale=2"],
-            "sample.guidance_scale=2 needs a class-conditional model, and this one is uncondi",
-        ),
-        (
-            ["--config.model.class_dropout=0", "--config.sample.guidance_scale=3"],
-            "sample.guidance_scale=3 needs a model trained with label dropout (model.class_drop",
         ),
         (
             ["--config=config.py:digits", "--config=config.py:moons"],
@@ -80,6 +64,38 @@ def test_bad_flags_fail_with_one_line_before_work(tmp_path, args, expected):
     assert expected in last_line(result.stderr), result.stderr[-2000:]
     assert len(result.stderr.strip().splitlines()) == 1, result.stderr
     assert not os.listdir(tmp_path)  # nothing was written
+
+
+def test_output_dirs_where_no_file_can_be_made_are_refused(tmp_path):
+    """main.check_output_dir (--out, sample mode's default): nothing is created."""
+    readme = os.path.join(ROOT, "README.md")
+    cases = [
+        (readme, "--out is a file; give a directory (created if absent)"),
+        (f"{readme}/sub", f"--out is inside the file {readme}; give a directory"),
+        ("/proc/x", "--out: cannot create files in /proc ("),
+    ]
+    for path, message in cases:
+        with pytest.raises(ValueError) as info:
+            main.check_output_dir(path, "--out")
+        assert str(info.value).startswith(message), info.value
+    main.check_output_dir(str(tmp_path / "new" / "deeper"), "--out")
+    assert not os.listdir(tmp_path)
+
+
+@pytest.mark.parametrize(
+    "preset,changes,message",
+    [
+        ("moons", {}, "sample.guidance_scale=2 needs a class-conditional model, and this one is"),
+        ("digits", {"model__class_dropout": 0.0}, "sample.guidance_scale=2 needs a model trained "),
+    ],
+)
+def test_guidance_without_a_trained_null_class_is_refused_before_the_run_dir(
+    tmp_path, preset, changes, message
+):
+    config = tiny_config(preset, tmp_path, sample__guidance_scale=2.0, **changes)
+    with pytest.raises(ValueError, match=message):
+        main.build_trainer(config, utils.DistInfo())
+    assert not os.listdir(tmp_path)
 
 
 def test_validate_rejects_impossible_values():
@@ -192,17 +208,10 @@ def test_points_sample_mode_writes_scatter(tmp_path):
     with np.load(out / "samples.npz") as f:
         assert f["samples"].shape == (50, 2) and "labels" not in f
     assert Image.open(out / "scatter.png").size[0] > 100
-    guided = run_main(
-        "--mode=sample",
-        f"--ckpt={trainer.run_dir}",
-        "--config.sample.num=5",
-        "--config.sample.guidance_scale=2",
-    )
-    assert guided.returncode == 1 and guided.stderr == (
-        "error: sample.guidance_scale=2 needs a class-conditional model, and this one is "
-        "unconditional (unlabelled data or model.class_conditional=False): set "
-        "sample.guidance_scale=1\n"
-    )
+    with pytest.raises(ValueError, match="sample.guidance_scale=2 needs a class-conditional"):
+        main.load_for_sampling(
+            {"sample.guidance_scale": 2.0}, utils.DistInfo(), trainer.run_dir, False
+        )
     assert not os.path.exists(os.path.join(trainer.run_dir, "samples"))
     path = main.load_checkpoint(trainer.run_dir)[1]
     other = run_main("--mode=info", "--config=config.py:checkerboard", f"--ckpt={path}")
