@@ -24,7 +24,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 import utils
@@ -298,17 +297,18 @@ def _load_cifar_batch(path: Path) -> tuple[np.ndarray, np.ndarray]:
     return x, _check_labels(y, 10, path)
 
 
-def _resize_one(img: np.ndarray, size: int, resample: int) -> np.ndarray:
+def _resize_one(img: np.ndarray, size: int, resample: str) -> np.ndarray:
+    from PIL import Image  # here: a slow import that only resizing and image folders need
+
     hwc = img.transpose(1, 2, 0)
     pil = Image.fromarray(hwc[..., 0] if hwc.shape[-1] == 1 else hwc)
-    out = np.asarray(pil.resize((size, size), resample))
+    out = np.asarray(pil.resize((size, size), Image.Resampling[resample]))
     return out[None] if out.ndim == 2 else out.transpose(2, 0, 1)
 
 
-def resize_images(
-    x: np.ndarray, size: int | None, resample: int = Image.Resampling.BILINEAR
-) -> np.ndarray:
-    """Resize uint8 images (N, C, H, W) to (N, C, size, size) with PIL; None/0/same size: as is."""
+def resize_images(x: np.ndarray, size: int | None, resample: str = "BILINEAR") -> np.ndarray:
+    """Resize uint8 images (N, C, H, W) to (N, C, size, size) with PIL (`resample`: a name of
+    PIL.Image.Resampling); None/0/same size: as is."""
     if not size or x.shape[-2:] == (size, size):
         return x
     return np.stack([_resize_one(img, size, resample) for img in x])
@@ -317,6 +317,8 @@ def resize_images(
 def _load_folder_image(path: Path, size: int) -> np.ndarray:
     """PIL open, RGB, centre-crop to a square, resize to size x size (bicubic): uint8 (3, S, S).
     An unreadable, truncated or corrupt file -> ValueError naming it."""
+    from PIL import Image
+
     try:
         with Image.open(path) as im:
             rgb = im.convert("RGB")

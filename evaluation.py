@@ -22,7 +22,6 @@ import warnings
 from dataclasses import asdict, dataclass
 
 import numpy as np
-import scipy.linalg
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -80,6 +79,8 @@ def _sqrtm_product(sigma1: np.ndarray, sigma2: np.ndarray) -> tuple[np.ndarray, 
     """(sqrtm(S1 S2), ok): ok is False when the result is not finite or has a non-negligible
     imaginary part on its diagonal. scipy's "singular matrix" warning is silenced: these checks
     decide (as pytorch-fid's sqrtm(..., disp=False) does)."""
+    import scipy.linalg  # here: a slow import that only Frechet distances need
+
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", scipy.linalg.LinAlgWarning)
         root = scipy.linalg.sqrtm(sigma1 @ sigma2)

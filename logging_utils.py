@@ -9,7 +9,6 @@ import os
 import time
 
 import numpy as np
-from PIL import Image
 from tqdm import tqdm
 
 WANDB_MODES = ("auto", "online", "offline", "disabled")
@@ -233,6 +232,8 @@ def save_image_grid(images, path, nrow=None, upscale=1, padding=1):
     grid = image_grid(images, nrow=nrow, padding=padding, upscale=upscale)
     if grid.shape[-1] == 1:
         grid = grid[..., 0]
+    from PIL import Image  # here: a slow import that only writing pictures needs
+
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     Image.fromarray(grid).save(path)
     return path

@@ -28,7 +28,6 @@ import time
 
 import numpy as np
 import torch
-from scipy.optimize import linear_sum_assignment
 from torch.nn.parallel import DistributedDataParallel
 
 import checkpoints
@@ -706,6 +705,8 @@ def minibatch_ot_permutation(x0, x1):
     """Permutation of x1 that minimises sum_i |x0_i - x1_perm(i)|^2 within the batch (exact, with
     scipy's linear_sum_assignment): the minibatch optimal-transport coupling of OT-CFM
     (Tong et al. 2023; Pooladian et al. 2023)."""
+    from scipy.optimize import linear_sum_assignment  # here: a slow import few runs need
+
     cost = torch.cdist(x0.reshape(len(x0), -1).double(), x1.reshape(len(x1), -1).double()) ** 2
     rows, cols = linear_sum_assignment(cost.cpu().numpy())
     return torch.as_tensor(cols[rows.argsort()], device=x1.device)
