@@ -1,5 +1,6 @@
 """Shared test helpers: tiny configs that train in a second."""
 
+import json
 import os
 import subprocess
 import sys
@@ -56,6 +57,56 @@ def run_main(*args, env=None, timeout=240):
         env=full_env,
         timeout=timeout,
     )
+
+
+# Imports main.py once, then runs each argv list in a fork of itself exactly as `python main.py
+# ARGV` runs (its __main__ block): what a subprocess per case shows, without paying the imports
+# (1.5 s) for each. The parent has run no torch work, so forking it is safe.
+FORKED_MAIN = """
+import json, os, runpy, signal, sys
+root, cases, timeout = sys.argv[1], json.loads(sys.argv[2]), int(sys.argv[3])
+sys.path.insert(0, root)
+os.chdir(root)
+import main
+for i, argv in enumerate(cases):
+    pid = os.fork()
+    if pid == 0:
+        for fd, name in ((1, "stdout"), (2, "stderr")):
+            os.dup2(os.open(f"{sys.argv[4]}/{i}.{name}", os.O_WRONLY | os.O_CREAT), fd)
+        signal.alarm(timeout)
+        sys.argv = [os.path.join(root, "main.py"), *argv]
+        try:
+            runpy.run_path(sys.argv[0], run_name="__main__")
+        except SystemExit as e:
+            code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
+            sys.stdout.flush(), sys.stderr.flush()
+            os._exit(code)
+        sys.stdout.flush(), sys.stderr.flush()
+        os._exit(0)
+    status = os.waitpid(pid, 0)[1]
+    with open(f"{sys.argv[4]}/{i}.code", "w") as f:
+        f.write(str(os.waitstatus_to_exitcode(status)))
+"""
+
+
+def run_main_forked(cases, scratch, timeout=60):
+    """[CompletedProcess] of `python main.py ARGV` for each argv list in `cases`, each run in a
+    fork of one process that imported main.py once (FORKED_MAIN); `scratch` holds the output."""
+    os.makedirs(scratch, exist_ok=True)
+    argv = [sys.executable, "-c", FORKED_MAIN, ROOT, json.dumps(cases), str(timeout), scratch]
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    subprocess.run(argv, cwd=ROOT, env=env, check=True, timeout=timeout * (len(cases) + 1))
+
+    def read(i, name):
+        with open(os.path.join(scratch, f"{i}.{name}")) as f:
+            return f.read()
+
+    return [
+        subprocess.CompletedProcess(
+            argv, int(read(i, "code")), read(i, "stdout"), read(i, "stderr")
+        )
+        for i in range(len(cases))
+    ]
 
 
 def run_torchrun(nproc, script, *args, timeout=240):

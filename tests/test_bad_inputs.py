@@ -8,11 +8,9 @@ non-zero, exactly one `error:` line, no traceback, nothing written under the wor
 import inspect
 import math
 import os
-import subprocess
-import sys
 
 import pytest
-from helpers import ROOT, TINY_UNET, run_main, tiny_config
+from helpers import TINY_UNET, run_main, run_main_forked, tiny_config
 from PIL import Image
 
 import config as config_lib
@@ -430,26 +428,15 @@ BAD_FLAGS = [
 
 
 def test_bad_flags_through_main(tmp_path):
-    """The BAD_FLAGS launched together (each import of torch takes seconds)."""
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    launches = []
-    for k, (flag, expected) in enumerate(BAD_FLAGS):
-        workdir = tmp_path / f"runs{k}"
-        workdir.mkdir()
-        args = [flag, f"--config.workdir={workdir}", "--config.logging.wandb=disabled"]
-        args += ["--config.train.steps=2", "--config.train.sample_every=0"]  # short if accepted
-        process = subprocess.Popen(
-            [sys.executable, os.path.join(ROOT, "main.py"), *args],
-            cwd=ROOT,
-            env=env,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-        )
-        launches.append((process, expected, workdir))
-    for process, expected, workdir in launches:
-        stdout, stderr = process.communicate(timeout=240)
-        result = subprocess.CompletedProcess(process.args, process.returncode, stdout, stderr)
+    """The BAD_FLAGS through main.py's command line, in forks of one process (run_main_forked)."""
+    workdirs, cases = [], []
+    for k, (flag, _) in enumerate(BAD_FLAGS):
+        workdirs.append(tmp_path / f"runs{k}")
+        workdirs[-1].mkdir()
+        args = [flag, f"--config.workdir={workdirs[-1]}", "--config.logging.wandb=disabled"]
+        cases.append(args + ["--config.train.steps=2", "--config.train.sample_every=0"])
+    results = run_main_forked(cases, str(tmp_path / "out"))
+    for result, (_, expected), workdir in zip(results, BAD_FLAGS, workdirs, strict=True):
         assert_one_line_error(result, expected, workdir)
 
 

@@ -7,7 +7,7 @@ import sys
 
 import numpy as np
 import pytest
-from helpers import ROOT, run_main, tiny_config
+from helpers import ROOT, run_main, run_main_forked, tiny_config
 from PIL import Image
 
 import config as config_lib
@@ -20,50 +20,65 @@ def last_line(text):
     return text.strip().splitlines()[-1]
 
 
-@pytest.mark.parametrize(
-    "args,expected",
-    [
-        (
-            ["--config.train.stepz=3"],
-            "config key 'train.stepz' does not exist; valid keys under train: [",
-        ),
-        (["--config=config.py:nope"], "config preset 'nope' is unknown; valid choices: ["),
-        (["--config.process.name=bogus"], "process.name='bogus' is unknown; valid choices: ["),
-        (["--config.sample.solver=rk9"], "sample.solver='rk9' is unknown; valid choices: ["),
-        (
-            ["--config.data.image_size=12", "--config.model.channel_mults=(1,2,2,2)"],
-            "data.image_size=12 cannot be halved 3 times",
-        ),
-        (
-            ["--config.prediction.model_output=eps", "--config.time_sampler.t_max=1.0"],
-            "singular at t=1",
-        ),
-        (["--config.train.steps=abc"], "--config.train.steps=abc: invalid literal for int()"),
-        (["--config=nope.py:digits"], "--config=nope.py:digits: no such config file; use"),
-        (["--ckpt=ckpts/old"], "pass --config.train.init_from=ckpts/old"),
-        (["--mode=sample", "--ckpt=x", "--out=README.md"], "--out=README.md is a file"),
-        (["--mode=sample", "--ckpt=x", "--out="], "--out= is empty: give a directory"),
-        (
-            ["--mode=info", "--ckpt=x", "--config.sample.solver=nope", "--config.train.lr=1"],
-            "--mode=info prints the checkpoint as saved and takes no --config.* flag: drop "
-            "--config.sample.solver (and 3 more)",
-        ),
-        (
-            ["--config=config.py:digits", "--config=config.py:moons"],
-            "--config is given 2 times (['config.py:digits', 'config.py:moons']): pass one preset",
-        ),
-        (
-            ["--config=config.py:digits", "train"],
-            "unexpected argument(s) ['train']: every option is a flag, e.g. --mode=sample",
-        ),
-    ],
-)
-def test_bad_flags_fail_with_one_line_before_work(tmp_path, args, expected):
-    result = run_main(*args, f"--config.workdir={tmp_path}", "--config.logging.wandb=disabled")
-    assert result.returncode != 0
+BAD_FLAGS = [
+    (
+        ["--config.train.stepz=3"],
+        "config key 'train.stepz' does not exist; valid keys under train: [",
+    ),
+    (["--config=config.py:nope"], "config preset 'nope' is unknown; valid choices: ["),
+    (["--config.process.name=bogus"], "process.name='bogus' is unknown; valid choices: ["),
+    (["--config.sample.solver=rk9"], "sample.solver='rk9' is unknown; valid choices: ["),
+    (
+        ["--config.data.image_size=12", "--config.model.channel_mults=(1,2,2,2)"],
+        "data.image_size=12 cannot be halved 3 times",
+    ),
+    (
+        ["--config.prediction.model_output=eps", "--config.time_sampler.t_max=1.0"],
+        "singular at t=1",
+    ),
+    (["--config.train.steps=abc"], "--config.train.steps=abc: invalid literal for int()"),
+    (["--config=nope.py:digits"], "--config=nope.py:digits: no such config file; use"),
+    (["--ckpt=ckpts/old"], "pass --config.train.init_from=ckpts/old"),
+    (["--mode=sample", "--ckpt=x", "--out=README.md"], "--out=README.md is a file"),
+    (["--mode=sample", "--ckpt=x", "--out="], "--out= is empty: give a directory"),
+    (
+        ["--mode=info", "--ckpt=x", "--config.sample.solver=nope", "--config.train.lr=1"],
+        "--mode=info prints the checkpoint as saved and takes no --config.* flag: drop "
+        "--config.sample.solver (and 3 more)",
+    ),
+    (
+        ["--config=config.py:digits", "--config=config.py:moons"],
+        "--config is given 2 times (['config.py:digits', 'config.py:moons']): pass one preset",
+    ),
+    (
+        ["--config=config.py:digits", "train"],
+        "unexpected argument(s) ['train']: every option is a flag, e.g. --mode=sample",
+    ),
+]
+
+
+@pytest.fixture(scope="module")
+def bad_flag_runs(tmp_path_factory):
+    """(workdir, result) of every BAD_FLAGS case, each with its own empty workdir."""
+    base = tmp_path_factory.mktemp("bad_flags")
+    workdirs = [base / f"work{i}" for i in range(len(BAD_FLAGS))]
+    for workdir in workdirs:
+        workdir.mkdir()
+    cases = [
+        [*args, f"--config.workdir={workdir}", "--config.logging.wandb=disabled"]
+        for (args, _), workdir in zip(BAD_FLAGS, workdirs, strict=True)
+    ]
+    return list(zip(workdirs, run_main_forked(cases, str(base / "out")), strict=True))
+
+
+@pytest.mark.parametrize("index", range(len(BAD_FLAGS)), ids=lambda i: BAD_FLAGS[i][1][:40])
+def test_bad_flags_fail_with_one_line_before_work(bad_flag_runs, index):
+    workdir, result = bad_flag_runs[index]
+    expected = BAD_FLAGS[index][1]
+    assert result.returncode == 1
     assert expected in last_line(result.stderr), result.stderr[-2000:]
     assert len(result.stderr.strip().splitlines()) == 1, result.stderr
-    assert not os.listdir(tmp_path)  # nothing was written
+    assert not os.listdir(workdir)  # nothing was written
 
 
 def test_output_dirs_where_no_file_can_be_made_are_refused(tmp_path):
