@@ -175,32 +175,37 @@ def test_sample_and_info_modes(tmp_path):
     config = tiny_config("digits", tmp_path, train__steps=2)
     trainer = main.train(config, {}, utils.DistInfo())
     out = tmp_path / "out"
-    result = run_main(
-        "--mode=sample",
-        f"--ckpt={trainer.run_dir}",
-        f"--out={out}",
-        "--config.sample.num=13",
-        "--config.sample.steps=2",
-        "--config.sample.solver=euler_maruyama",
-        "--config.sample.batch_size=5",
+    sampled, info, missing, train_flag = run_main_forked(
+        [
+            [
+                "--mode=sample",
+                f"--ckpt={trainer.run_dir}",
+                f"--out={out}",
+                "--config.sample.num=13",
+                "--config.sample.steps=2",
+                "--config.sample.solver=euler_maruyama",
+                "--config.sample.batch_size=5",
+            ],
+            ["--mode=info", f"--ckpt={trainer.run_dir}"],
+            ["--mode=sample", f"--ckpt={tmp_path / 'missing'}"],
+            ["--mode=sample", f"--ckpt={trainer.run_dir}", "--config.train.lr=1.0"],
+        ],
+        str(tmp_path / "runs"),
     )
-    assert result.returncode == 0, result.stderr[-2000:]
-    assert "NFE 3" in last_line(result.stdout)  # 2 SDE steps + the final denoising step
+    assert sampled.returncode == 0, sampled.stderr[-2000:]
+    assert "NFE 3" in last_line(sampled.stdout)  # 2 SDE steps + the final denoising step
     with np.load(out / "samples.npz") as f:
         samples, labels = f["samples"], f["labels"]
     assert samples.shape == (13, 8, 8, 1) and samples.dtype == np.uint8
     assert (labels == np.arange(13) % 10).all()
     assert Image.open(out / "grid.png").size == (10 * 68 + 4, 2 * 68 + 4)
-    result = run_main("--mode=info", f"--ckpt={trainer.run_dir}")
-    assert result.returncode == 0, result.stderr[-2000:]
-    summary = json.loads(result.stdout[result.stdout.index("{") :])
+    assert info.returncode == 0, info.stderr[-2000:]
+    summary = json.loads(info.stdout[info.stdout.index("{") :])
     assert summary["step"] == 2 and summary["data"]["shape"] == [1, 8, 8]
     assert summary["parameters"] == sum(p.numel() for p in trainer.net.parameters())
     assert "loss" in summary["last_metrics"]
-    bad = run_main("--mode=sample", f"--ckpt={tmp_path / 'missing'}")
-    assert bad.returncode != 0 and "no such file" in last_line(bad.stderr)
-    bad = run_main("--mode=sample", f"--ckpt={trainer.run_dir}", "--config.train.lr=1.0")
-    assert bad.returncode != 0 and last_line(bad.stderr) == (
+    assert missing.returncode == 1 and "no such file" in last_line(missing.stderr)
+    assert train_flag.returncode == 1 and last_line(train_flag.stderr) == (
         "error: --config.train.lr: only --config.sample.*, eval.*, logging.* and data.root, "
         "data.path, data.num_workers overrides apply to a checkpoint"
     )
@@ -211,39 +216,39 @@ def test_sample_and_info_modes(tmp_path):
 def test_points_sample_mode_writes_scatter(tmp_path):
     config = tiny_config("moons", tmp_path, train__steps=2)
     trainer = main.train(config, {}, utils.DistInfo())
-    out = tmp_path / "out"
-    result = run_main(
-        "--mode=sample",
-        f"--ckpt={trainer.run_dir}",
-        f"--out={out}",
-        "--config.sample.num=50",
-        "--config.sample.steps=2",
-    )
-    assert result.returncode == 0, result.stderr[-2000:]
-    with np.load(out / "samples.npz") as f:
-        assert f["samples"].shape == (50, 2) and "labels" not in f
-    assert Image.open(out / "scatter.png").size[0] > 100
     with pytest.raises(ValueError, match="sample.guidance_scale=2 needs a class-conditional"):
         main.load_for_sampling(
             {"sample.guidance_scale": 2.0}, utils.DistInfo(), trainer.run_dir, False
         )
-    assert not os.path.exists(os.path.join(trainer.run_dir, "samples"))
+    with pytest.raises(ValueError, match="sample.guidance_scale=1.5 needs a class-conditional"):
+        main.load_model(trainer.run_dir).sample(4, guidance_scale=1.5)
+    default_out = os.path.join(trainer.run_dir, "samples")
+    assert not os.path.exists(default_out)
+    open(default_out, "w").close()  # where the samples would go without --out: a file
     path = main.load_checkpoint(trainer.run_dir)[1]
-    other = run_main("--mode=info", "--config=config.py:checkerboard", f"--ckpt={path}")
+    out = tmp_path / "out"
+    sampled, other, blocked = run_main_forked(
+        [
+            ["--mode=sample", f"--ckpt={path}", f"--out={out}", "--config.sample.num=50",
+             "--config.sample.steps=2"],
+            ["--mode=info", "--config=config.py:checkerboard", f"--ckpt={path}"],
+            ["--mode=sample", f"--ckpt={trainer.run_dir}", "--config.sample.num=5"],
+        ],
+        str(tmp_path / "runs"),
+    )  # fmt: skip
+    assert sampled.returncode == 0, sampled.stderr[-2000:]
+    with np.load(out / "samples.npz") as f:
+        assert f["samples"].shape == (50, 2) and "labels" not in f
+    assert Image.open(out / "scatter.png").size[0] > 100
     assert other.returncode == 1 and other.stderr == (
         f"error: --config=config.py:checkerboard has data.name=checkerboard, but {path} was "
         f"trained with data.name=moons: with --ckpt the checkpoint's own config is used; drop "
         f"--config or pass the matching checkpoint\n"
     )
-    default_out = os.path.join(trainer.run_dir, "samples")
-    open(default_out, "w").close()  # where the samples would go without --out: a file
-    blocked = run_main("--mode=sample", f"--ckpt={trainer.run_dir}", "--config.sample.num=5")
     assert blocked.returncode == 1 and blocked.stderr == (
         f"error: the default output directory {default_out} (set --out=DIR) is a file; give a "
         f"directory (created if absent)\n"
     )
-    with pytest.raises(ValueError, match="sample.guidance_scale=1.5 needs a class-conditional"):
-        main.load_model(trainer.run_dir).sample(4, guidance_scale=1.5)
 
 
 def test_help_lists_every_mode_and_preset():
