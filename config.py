@@ -7,6 +7,7 @@ for registry fields come from the modules that own the registries (see `validate
 """
 
 import math
+import numbers
 
 from ml_collections import ConfigDict, config_dict
 
@@ -463,6 +464,8 @@ def set_values(c, values):
         node = c
         for section in sections:
             node = node[section]
+        if isinstance(value, numbers.Integral) and not isinstance(value, bool):
+            value = int(value)  # numpy integers: ml_collections takes only int
         try:
             node[field] = value
         except TypeError:  # ml_collections keeps each field's type

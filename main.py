@@ -18,7 +18,6 @@ before any work starts, and dispatches the mode.
 import json
 import os
 import sys
-import tempfile
 
 import torch
 from absl import app, flags
@@ -606,13 +605,13 @@ def load_for_sampling(
     config_overrides, dist_info, ckpt=None, evaluating=None, flag="--ckpt", preset=None
 ):
     """(config, process, EMA-or-raw net, data_info, num_classes, state, path) of --ckpt (or of
-    `ckpt`, named `flag` in messages). `preset`: the command line's --config, checked against
-    the checkpoint (check_preset_fits)."""
+    `ckpt`, named `flag` in messages). `preset`: the command line's --config, compared with the
+    checkpoint's (warn_about_preset)."""
     ckpt = FLAGS.ckpt if ckpt is None else ckpt
     evaluating = FLAGS.mode == "eval" if evaluating is None else evaluating
     state, path = load_checkpoint(ckpt, flag)
     if preset is not None:
-        check_preset_fits(preset, checkpoints.config_of(state), path)
+        warn_about_preset(preset, checkpoints.config_of(state), path, dist_info)
     config = checkpoint_config(state, config_overrides)
     process = check_config(config, dist_info.world_size, evaluating=evaluating)
     info = state["data_info"]
@@ -641,7 +640,7 @@ class LoadedModel:
     def __init__(self, ckpt, use_ema=True, device=None):
         self.dist = utils.DistInfo(device=api_device(device))
         overrides = {"sample.use_ema": use_ema}
-        loaded = load_for_sampling(overrides, self.dist, ckpt, False, flag="ckpt")
+        loaded = load_for_sampling(overrides, self.dist, ckpt, evaluating=False, flag="ckpt")
         self.config, self.process, self.net, self.data_info, self.num_classes = loaded[:5]
         self.state, self.path, self.use_ema = loaded[5], loaded[6], use_ema
 
@@ -669,19 +668,26 @@ class LoadedModel:
         return data_utils.to_data_space(x, self.data_info["kind"]), labels, nfe
 
 
+# Device types load_model can sample on, and whether this machine has one.
+API_DEVICES = {
+    "cpu": lambda: True,
+    "cuda": torch.cuda.is_available,
+    "mps": torch.backends.mps.is_available,
+}
+
+
 def api_device(device):
     """torch.device of load_model's `device` (default: cuda when available); one line for a
     name torch does not know or a device this machine lacks."""
     if device is None:
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    here = [name for name, available in API_DEVICES.items() if available()]
     try:
         device = torch.device(device)
     except (RuntimeError, TypeError):
-        raise ValueError(f"device={device!r} is not a torch device; use 'cpu' or 'cuda'") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"device={str(device)!r}, but CUDA is not available here: use 'cpu'")
-    if device.type not in ("cpu", "cuda"):
-        raise ValueError(f"device={str(device)!r} is not supported; use 'cpu' or 'cuda'")
+        raise ValueError(f"device={device!r} is not a torch device; use one of {here}") from None
+    if not API_DEVICES.get(device.type, lambda: False)():
+        raise ValueError(f"device={str(device)!r} is not available here; use one of {here}")
     return device
 
 
@@ -690,25 +696,38 @@ def load_model(ckpt, use_ema=True, device=None):
     return LoadedModel(ckpt, use_ema, device)
 
 
-# What a preset given with --ckpt must agree on with the checkpoint (it is not used otherwise).
+# What a preset given with --ckpt should agree on with the checkpoint (it is not used otherwise).
 PRESET_KEYS = ("data.name", "model.name")
 
 
-def check_preset_fits(preset, saved, path):
-    """With --ckpt the checkpoint's own config is used; an explicit --config=PRESET that
-    describes other data or another network is a mistake worth one line, not silence."""
-    if not FLAGS["config"].present:
-        return
+def preset_warning(preset, preset_name, saved, path):
+    """With --ckpt the checkpoint's own config is used. An explicit --config=PRESET
+    (`preset_name`) that describes other data or another network is worth a warning line, not
+    silence (not an error: the run may have been trained from that preset with overrides)."""
+    if preset_name is None:
+        return None
     flat = config_lib.flatten(config_lib.with_defaults(saved))
     given = config_lib.flatten(preset)
     for key in PRESET_KEYS:
         if key in flat and flat[key] != given[key]:
-            name = config_flags.get_config_filename(FLAGS["config"])
-            raise ValueError(
-                f"--config={name} has {key}={given[key]}, but {path} was trained with "
-                f"{key}={flat[key]}: with --ckpt the checkpoint's own config is used; drop "
-                f"--config or pass the matching checkpoint"
+            return (
+                f"warning: --config={preset_name} has {key}={given[key]}, but {path} was trained "
+                f"with {key}={flat[key]}; the checkpoint's own config is used"
             )
+    return None
+
+
+def given_preset():
+    """The --config=FILE:PRESET of the command line, or None when it was not given."""
+    if not FLAGS["config"].present:
+        return None
+    return config_flags.get_config_filename(FLAGS["config"])
+
+
+def warn_about_preset(preset, saved, path, dist_info):
+    warning = preset_warning(preset, given_preset(), saved, path)
+    if warning and dist_info.is_main:
+        print(warning, file=sys.stderr)
 
 
 def sample(config, config_overrides, dist_info):
@@ -719,7 +738,7 @@ def sample(config, config_overrides, dist_info):
     s = config.sample
     out = FLAGS.out or os.path.join(os.path.dirname(path), "samples")
     if not FLAGS.out:  # --out was checked with the flags
-        check_output_dir(out, f"the default output directory {out} (set --out=DIR)")
+        utils.check_output_dir(out, f"the default output directory {out} (set --out=DIR)")
     trajectory = []
     x, labels, nfe = trainer_lib.generate_distributed(
         net,
@@ -785,7 +804,7 @@ def evaluate(config, config_overrides, dist_info):
 def info(config, config_overrides, dist_info):
     del config_overrides
     state, path = load_checkpoint(FLAGS.ckpt)
-    check_preset_fits(config, checkpoints.config_of(state), path)
+    warn_about_preset(config, checkpoints.config_of(state), path, dist_info)
     if not dist_info.is_main:
         return
     config = config_lib.with_defaults(checkpoints.config_of(state))
@@ -825,10 +844,10 @@ def is_first_rank():
     return int(os.environ.get("RANK", "0")) == 0
 
 
-def fail(message):
-    """Exit with status 1 after one line `error: MESSAGE` on stderr (rank 0 only, so that a
-    multi-process launch prints it once)."""
-    if is_first_rank():
+def fail(message, every_rank=False):
+    """Exit with status 1 after one line `error: MESSAGE` on stderr: on rank 0 only, so that a
+    multi-process launch prints it once, unless the failure is this rank's own (`every_rank`)."""
+    if every_rank or is_first_rank():
         print(f"error: {message}", file=sys.stderr, flush=True)
     sys.exit(1)
 
@@ -882,7 +901,7 @@ def check_mode_flags(overrides):
             raise ValueError(f"--out is only used by --mode=sample (not --mode={FLAGS.mode})")
         if not FLAGS.out:
             raise ValueError("--out= is empty: give a directory (created if absent)")
-        check_output_dir(FLAGS.out, f"--out={FLAGS.out}")
+        utils.check_output_dir(FLAGS.out, f"--out={FLAGS.out}")
     if FLAGS.mode == "info" and overrides:
         keys = list(overrides)
         more = f" (and {len(keys) - 1} more)" if len(keys) > 1 else ""
@@ -890,23 +909,6 @@ def check_mode_flags(overrides):
             f"--mode=info prints the checkpoint as saved and takes no --config.* flag: drop "
             f"--config.{keys[0]}{more}"
         )
-
-
-def check_output_dir(path, name):
-    """ValueError naming `name` unless `path` is a directory, or can be made one, in which a
-    file can be created (a probe that is removed at once; nothing else is made here)."""
-    ancestor = os.path.abspath(path)
-    while not os.path.exists(ancestor):
-        ancestor = os.path.dirname(ancestor)
-    if not os.path.isdir(ancestor):
-        inside = ancestor != os.path.abspath(path)
-        where = f"is inside the file {ancestor}" if inside else "is a file"
-        raise ValueError(f"{name} {where}; give a directory (created if absent)")
-    try:
-        with tempfile.TemporaryFile(dir=ancestor):
-            pass
-    except OSError as e:
-        raise ValueError(f"{name}: cannot create files in {ancestor} ({e.strerror or e})") from None
 
 
 def os_error_line(e):
@@ -918,13 +920,16 @@ def os_error_line(e):
     )
 
 
+# How torch's allocators word a failed allocation (CPU, std::bad_alloc, CUDA, cuBLAS).
+OUT_OF_MEMORY_TEXTS = ("out of memory", "can't allocate memory", "bad_alloc", "alloc_failed")
+
+
 def is_out_of_memory(error):
-    """True for a failed allocation: Python's MemoryError, torch's CUDA OutOfMemoryError, or
-    the RuntimeError of torch's CPU allocator."""
+    """True for a failed allocation: Python's MemoryError, torch's OutOfMemoryError, or a
+    RuntimeError in one of OUT_OF_MEMORY_TEXTS' words."""
     if isinstance(error, (MemoryError, torch.OutOfMemoryError)):
         return True
-    text = str(error)
-    return "can't allocate memory" in text or "std::bad_alloc" in text
+    return any(text in str(error).lower() for text in OUT_OF_MEMORY_TEXTS)
 
 
 # What to lower, per mode, when memory runs out.
@@ -962,7 +967,8 @@ def main(argv):
     except (MemoryError, RuntimeError) as e:  # torch.OutOfMemoryError is a RuntimeError
         if not is_out_of_memory(e):
             raise
-        fail(out_of_memory_line(e, FLAGS.mode))
+        where = f"rank {dist_info.rank}: " if dist_info.world_size > 1 else ""
+        fail(where + out_of_memory_line(e, FLAGS.mode), every_rank=True)  # may be one rank's
     finally:
         utils.cleanup_distributed()
 

@@ -331,6 +331,25 @@ class KilledAfterTimeout(logging.Handler):
         return handler
 
 
+def check_output_dir(path, name):
+    """ValueError naming `name` unless `path` is a directory, or can be made one, in which a
+    file can be created (a probe that is removed at once; nothing else is made here)."""
+    ancestor = os.path.abspath(path)
+    while not os.path.lexists(ancestor):
+        ancestor = os.path.dirname(ancestor)
+    if os.path.islink(ancestor) and not os.path.exists(ancestor):
+        raise ValueError(f"{name}: {ancestor} is a symbolic link to nothing (broken or a loop)")
+    if not os.path.isdir(ancestor):
+        inside = ancestor != os.path.abspath(path)
+        where = f"is inside the file {ancestor}" if inside else "is a file"
+        raise ValueError(f"{name} {where}; give a directory (created if absent)")
+    try:
+        with tempfile.TemporaryFile(dir=ancestor):
+            pass
+    except OSError as e:
+        raise ValueError(f"{name}: cannot create files in {ancestor} ({e.strerror or e})") from None
+
+
 def threads_per_worker(workers, cores=None):
     """CPU threads for each of `workers` processes on this node: the cores this process may run
     on, shared out evenly (at least 1)."""

@@ -47,13 +47,13 @@ def int_in(low, high=None):
 
 def directory_problem(path, name):
     """One line naming `name` unless `path` is a directory, or can be made one, in which a file
-    can be created (main.check_output_dir; nothing is made here), else None."""
-    import main  # lazily: compare_checkpoints.py needs no network or trainer code
+    can be created (utils.check_output_dir; nothing is made here), else None."""
+    import utils
 
     if not path.strip():
         return f"{name} is empty: give a directory path"
     try:
-        main.check_output_dir(path, name)
+        utils.check_output_dir(path, name)
     except ValueError as e:
         return str(e)
     return None

@@ -73,8 +73,7 @@ def check_folder_writable(out, folder):
         existing = os.path.dirname(existing)
     if not os.path.isdir(existing):
         raise ValueError(f"--out {out}: {existing} is a file, not a folder")
-    if not os.access(existing, os.W_OK | os.X_OK):
-        raise ValueError(f"--out {out}: no permission to create files in {existing}")
+    utils.check_output_dir(existing, f"--out {out}")  # a probe file: os.access trusts root
 
 
 def check_numbers(sigma_rel, step):

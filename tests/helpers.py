@@ -1,7 +1,9 @@
-"""Shared test helpers: tiny configs that train in a second."""
+"""Shared test helpers: tiny configs that train in a second, and runners of main.py (a
+subprocess, forks of one process, torchrun)."""
 
 import json
 import os
+import signal
 import subprocess
 import sys
 
@@ -59,9 +61,10 @@ def run_main(*args, env=None, timeout=240):
     )
 
 
-# Imports main.py once, then runs each argv list in a fork of itself exactly as `python main.py
-# ARGV` runs (its __main__ block): what a subprocess per case shows, without paying the imports
-# (1.5 s) for each. The parent has run no torch work, so forking it is safe.
+# Imports main.py once, then runs each argv list in a fork of itself through main.py's __main__
+# block, as a subprocess `python main.py ARGV` would (exit code, stdout, stderr; only atexit
+# handlers are skipped), without paying the imports (1.5 s) for each. The parent has run no
+# torch work, so forking it is safe. A case still running after `timeout` s is killed by SIGALRM.
 FORKED_MAIN = """
 import json, os, runpy, signal, sys
 root, cases, timeout = sys.argv[1], json.loads(sys.argv[2]), int(sys.argv[3])
@@ -72,12 +75,15 @@ for i, argv in enumerate(cases):
     pid = os.fork()
     if pid == 0:
         for fd, name in ((1, "stdout"), (2, "stderr")):
-            os.dup2(os.open(f"{sys.argv[4]}/{i}.{name}", os.O_WRONLY | os.O_CREAT), fd)
+            flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC
+            os.dup2(os.open(f"{sys.argv[4]}/{i}.{name}", flags), fd)
         signal.alarm(timeout)
         sys.argv = [os.path.join(root, "main.py"), *argv]
         try:
             runpy.run_path(sys.argv[0], run_name="__main__")
         except SystemExit as e:
+            if e.code is not None and not isinstance(e.code, int):
+                print(e.code, file=sys.stderr)  # sys.exit("text"), as Python reports it
             code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
             sys.stdout.flush(), sys.stderr.flush()
             os._exit(code)
@@ -101,6 +107,9 @@ def run_main_forked(cases, scratch, timeout=60):
         with open(os.path.join(scratch, f"{i}.{name}")) as f:
             return f.read()
 
+    for i, case in enumerate(cases):
+        if int(read(i, "code")) == -signal.SIGALRM:
+            raise subprocess.TimeoutExpired(["main.py", *case], timeout)
     return [
         subprocess.CompletedProcess(
             argv, int(read(i, "code")), read(i, "stdout"), read(i, "stderr")

@@ -413,7 +413,7 @@ def test_eval_every_with_an_impossible_extractor_fails_at_start():
 
 def assert_one_line_error(result, expected, workdir):
     output = (result.stdout + result.stderr).strip().splitlines()
-    assert result.returncode != 0
+    assert result.returncode == 1
     assert output == [f"error: {expected}"], result.stdout + result.stderr
     assert "Traceback" not in result.stderr
     assert not os.listdir(workdir)  # nothing was written

@@ -427,6 +427,7 @@ OUT_ERRORS = [
      "another file"),
     ("TMP/existing.pt/out.pt", "--out TMP/existing.pt/out.pt: TMP/existing.pt is a file, not a "
      "folder"),
+    ("/proc/x.pt", "--out /proc/x.pt: cannot create files in /proc (No such file or directory)"),
 ]  # fmt: skip
 
 
