@@ -169,7 +169,7 @@ def check_combinations(config, process, world_size=1):
             f"sample.clip_x0={s.clip_x0} clips x0_hat to the image range [-1, 1], but "
             f"data.name={config.data.name} holds 2-D points: set sample.clip_x0=none"
         )
-    if base != "gaussian" and config.data.name not in data_utils.TOY_SETS:
+    if base != "gaussian" and kind != "points":
         raise ValueError(
             f"process.base={base} needs 2-D data; data.name={config.data.name} is "
             f"not one of {sorted(data_utils.TOY_SETS)}"
@@ -408,7 +408,7 @@ def build_trainer(config, dist_info):
     if state is not None:
         trainer.load(state, path)
     elif init is not None:
-        trainer.init_weights(init[0], config.train.init_from)
+        trainer.init_weights(init[0])
         say(f"initialised model and EMA weights from {init[1]} (train.init_from)")
     if dist_info.is_main:
         os.makedirs(run_dir, exist_ok=True)
@@ -454,8 +454,8 @@ def had_corrupt_checkpoints(run_dir):
 
 
 def init_from_state(source, net):
-    """(state, path) of train.init_from (a checkpoint or a run directory) whose model weights
-    fit `net`, or None when unset."""
+    """(state, path) of train.init_from (a checkpoint or a run directory) whose model and EMA
+    weights fit `net` (one line otherwise), or None when unset."""
     if not source:
         return None
     try:
@@ -464,7 +464,8 @@ def init_from_state(source, net):
         if str(e).startswith("train.init_from="):
             raise
         raise ValueError(f"train.init_from: {e}") from None
-    trainer_lib.check_same_shapes(net.state_dict(), state["model"], f"train.init_from={source}")
+    for weights in (state["model"], state["ema"]["model"]):
+        trainer_lib.check_same_shapes(net.state_dict(), weights, f"train.init_from={source}")
     return state, path
 
 
@@ -582,23 +583,17 @@ def checkpoint_config(state, overrides):
 
     The sampling time range is re-resolved for the sampler now asked for, unless given."""
     config = config_lib.with_defaults(checkpoints.config_of(state))
-    check_checkpoint_overrides(overrides)
-    config_lib.set_values(config, overrides)
-    for key in ("t_min", "t_max"):
-        if f"sample.{key}" not in overrides:
-            config.sample[key] = None
-    return config
-
-
-def check_checkpoint_overrides(overrides):
-    """One line for a --config.KEY that cannot apply to a trained checkpoint (a train.* or
-    model.* key, say), instead of ignoring it."""
-    for key in overrides:
+    for key in overrides:  # one line for a key that cannot apply, not silence
         if not (key.startswith(("sample.", "eval.", "logging.")) or key in DATA_LOCATION_KEYS):
             raise ValueError(
                 f"--config.{key}: only --config.sample.*, eval.*, logging.* and "
                 f"{', '.join(DATA_LOCATION_KEYS)} overrides apply to a checkpoint"
             )
+    config_lib.set_values(config, overrides)
+    for key in ("t_min", "t_max"):
+        if f"sample.{key}" not in overrides:
+            config.sample[key] = None
+    return config
 
 
 def load_for_sampling(
@@ -700,34 +695,23 @@ def load_model(ckpt, use_ema=True, device=None):
 PRESET_KEYS = ("data.name", "model.name")
 
 
-def preset_warning(preset, preset_name, saved, path):
-    """With --ckpt the checkpoint's own config is used. An explicit --config=PRESET
-    (`preset_name`) that describes other data or another network is worth a warning line, not
-    silence (not an error: the run may have been trained from that preset with overrides)."""
-    if preset_name is None:
-        return None
+def warn_about_preset(preset, saved, path, dist_info):
+    """With --ckpt the checkpoint's own config (`saved`) is used. An explicit --config=PRESET
+    that describes other data or another network gets a warning line on stderr, not silence
+    (not an error: the run may have been trained from that preset with overrides)."""
+    if not (FLAGS["config"].present and dist_info.is_main):
+        return
     flat = config_lib.flatten(config_lib.with_defaults(saved))
     given = config_lib.flatten(preset)
     for key in PRESET_KEYS:
         if key in flat and flat[key] != given[key]:
-            return (
-                f"warning: --config={preset_name} has {key}={given[key]}, but {path} was trained "
-                f"with {key}={flat[key]}; the checkpoint's own config is used"
+            name = config_flags.get_config_filename(FLAGS["config"])
+            print(
+                f"warning: --config={name} has {key}={given[key]}, but {path} was trained with "
+                f"{key}={flat[key]}; the checkpoint's own config is used",
+                file=sys.stderr,
             )
-    return None
-
-
-def given_preset():
-    """The --config=FILE:PRESET of the command line, or None when it was not given."""
-    if not FLAGS["config"].present:
-        return None
-    return config_flags.get_config_filename(FLAGS["config"])
-
-
-def warn_about_preset(preset, saved, path, dist_info):
-    warning = preset_warning(preset, given_preset(), saved, path)
-    if warning and dist_info.is_main:
-        print(warning, file=sys.stderr)
+            return
 
 
 def sample(config, config_overrides, dist_info):

@@ -512,13 +512,12 @@ class DiffusionTrainer:
             )
         return state
 
-    def init_weights(self, state, source):
-        """Start from another run's model and EMA weights (train.init_from); everything else
-        (optimizer, schedule, step, data order) starts fresh. One line on a shape mismatch."""
-        pairs = ((self.net, state["model"]), (self.ema.model, state["ema"]["model"]))
-        for module, weights in pairs:
-            check_same_shapes(module.state_dict(), weights, f"train.init_from={source}")
-            module.load_state_dict(weights)
+    def init_weights(self, state):
+        """Start from another run's model and EMA weights (train.init_from, whose shapes
+        main.init_from_state has checked); everything else (optimizer, schedule, step, data
+        order) starts fresh."""
+        self.net.load_state_dict(state["model"])
+        self.ema.model.load_state_dict(state["ema"]["model"])
 
 
 def check_same_shapes(own, other, source, hint="use the same model.* settings as that run"):

@@ -48,6 +48,25 @@ def tiny_config(preset, workdir, **overrides):
     return config_lib.set_values(c, values)
 
 
+def minimal_checkpoint(weights, step, data_dims):
+    """The smallest state checkpoints.load accepts (every key of checkpoints.REQUIRED): model and
+    EMA both `weights` (the EMA a copy), 2-D-points data_info of `data_dims` dimensions."""
+    return {
+        "step": step,
+        "model": weights,
+        "ema": {"model": {k: v.clone() for k, v in weights.items()}},
+        "optimizer": {},
+        "scheduler": {},
+        "loader": {},
+        "rng": [],
+        "world_size": 1,
+        "config": "{}",
+        "data_info": {"shape": [data_dims], "num_classes": 0, "kind": "points"},
+        "metrics": {},
+        "healthy": True,
+    }
+
+
 def run_main(*args, env=None, timeout=240):
     """Run `python main.py ARGS` in the repo root; returns the CompletedProcess."""
     full_env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}

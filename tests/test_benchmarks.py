@@ -8,7 +8,7 @@ import sys
 import numpy as np
 import pytest
 import torch
-from helpers import ROOT, TINY_UNET, tiny_config
+from helpers import ROOT, TINY_UNET, minimal_checkpoint, tiny_config
 
 import data_utils
 
@@ -408,21 +408,7 @@ def test_solvers_prints_its_tables_and_never_writes_docs(monkeypatch, capsys, tm
 
 def fake_checkpoint(path, step, weight):
     """A file that checkpoints.load accepts: every required key, one weight."""
-    state = {
-        "step": step,
-        "model": {"w": torch.tensor([weight])},
-        "ema": {"model": {"w": torch.tensor([weight])}},
-        "optimizer": {},
-        "scheduler": {},
-        "loader": {},
-        "rng": [],
-        "world_size": 1,
-        "config": "{}",
-        "data_info": {"shape": [2], "num_classes": 0, "kind": "points"},
-        "metrics": {},
-        "healthy": True,
-    }
-    torch.save(state, path)
+    torch.save(minimal_checkpoint({"w": torch.tensor([weight])}, step, 2), path)
     return str(path)
 
 

@@ -11,6 +11,7 @@ import sys
 import numpy as np
 import pytest
 import torch
+from helpers import minimal_checkpoint
 
 import checkpoints
 import ema
@@ -263,20 +264,7 @@ def write_checkpoint(path, out_features=5, step=STEPS):
     """A checkpoint that checkpoints.load accepts, of a net shaped like the trained one."""
     torch.manual_seed(1)
     weights = torch.nn.Sequential(torch.nn.Linear(6, out_features)).state_dict()
-    state = {
-        "step": step,
-        "model": weights,
-        "ema": {"model": {k: v.clone() for k, v in weights.items()}},
-        "optimizer": {},
-        "scheduler": {},
-        "loader": {},
-        "rng": [],
-        "world_size": 1,
-        "config": "{}",
-        "data_info": {"shape": [6], "num_classes": 0, "kind": "points"},
-        "metrics": {},
-        "healthy": True,
-    }
+    state = minimal_checkpoint(weights, step, 6)
     utils.atomic_torch_save(state, str(path))
     return state
 
