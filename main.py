@@ -944,6 +944,7 @@ def main(argv):
     try:
         check_mode_flags(overrides)
         MODE_FNS[FLAGS.mode](FLAGS.config, overrides, dist_info)
+        utils.barrier()  # leave together: none tears the group down while rank 0 still writes
     except (ValueError, TrainingDiverged) as e:
         fail(e)
     except OSError as e:  # includes FileNotFoundError and PermissionError
