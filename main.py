@@ -495,11 +495,11 @@ def resume_line(config, saved, path, step):
 
 def train(config, overrides, dist_info, until=None):
     """--mode=train: train (or resume) the run ckpts/<name>/; returns the trainer."""
-    del overrides  # already applied to `config` by the flags
     stop = utils.StopRequest().install()  # a stop while building: checkpoint after one step
     trainer = None
     try:
-        trainer = build_trainer(config, dist_info)
+        trainer = build_trainer(config, dist_info)  # validates `config` (with `overrides`)
+        warn_unused_sample_flags(config, overrides, dist_info.is_main)
         return run_training(trainer, config, dist_info, until, stop)
     finally:
         stop.restore()
@@ -609,6 +609,7 @@ def load_for_sampling(
         warn_about_preset(preset, checkpoints.config_of(state), path, dist_info)
     config = checkpoint_config(state, config_overrides)
     process = check_config(config, dist_info.world_size, evaluating=evaluating)
+    warn_unused_sample_flags(config, config_overrides, dist_info.is_main)
     info = state["data_info"]
     net = build_net(config, info).to(dist_info.device)
     weights = state["ema"]["model"] if config.sample.use_ema else state["model"]
@@ -644,11 +645,12 @@ class LoadedModel:
             raise ValueError(
                 "sample(use_ema=...): the weights are chosen by load_model(ckpt, use_ema=...)"
             )
-        overrides = {f"sample.{k}": v for k, v in sample_overrides.items()}
-        overrides.update({"sample.num": num, "sample.use_ema": self.use_ema})
+        given = {f"sample.{k}": v for k, v in sample_overrides.items()}
+        overrides = {**given, "sample.num": num, "sample.use_ema": self.use_ema}
         config = checkpoint_config(self.state, overrides)
         process = check_config(config, 1, evaluating=False)  # checks num; re-resolves t range
         check_guidance(config.sample.guidance_scale, self.num_classes, config.model.class_dropout)
+        warn_unused_sample_flags(config, given, api=True)
         x, labels, nfe = trainer_lib.generate_distributed(
             self.net,
             process,
@@ -712,6 +714,23 @@ def warn_about_preset(preset, saved, path, dist_info):
                 file=sys.stderr,
             )
             return
+
+
+def warn_unused_sample_flags(config, overrides, is_main=True, api=False):
+    """A warning line on stderr for each --config.sample.KEY given (`overrides`) that the chosen
+    sampler will not use (sampling.unused_setting), e.g. sample.s_churn with an ODE solver.
+    Settings a preset carries are not named: switching the solver must not warn about them.
+    `api`: the keys were keywords of LoadedModel.sample, and are named so."""
+    if not is_main:
+        return
+    for key, value in overrides.items():
+        name = key.removeprefix("sample.")
+        if name == key:
+            continue
+        why = sampling.unused_setting(name, config.sample, config.train.objective)
+        if why:
+            given = f"sample({name}={value!r})" if api else f"--config.{key}={value}"
+            print(f"warning: {given} has no effect: {why}", file=sys.stderr)
 
 
 def sample(config, config_overrides, dist_info):

@@ -527,6 +527,46 @@ def needs_score(solver):
     return solver in SDE_SOLVERS
 
 
+# sample.* settings that only some solvers read: name -> those solvers. (`steps` and `grid` of
+# dopri5 set the times where its state is reported, so they are read by every solver but few_step.)
+INTEGRATORS = (*ODE_SOLVERS, *SDE_SOLVERS, *NOISE_LEVEL_SOLVERS)
+SOLVER_SETTINGS = {
+    "diffusion": tuple(SDE_SOLVERS),
+    "diffusion_scale": tuple(SDE_SOLVERS),
+    "rtol": ADAPTIVE,
+    "atol": ADAPTIVE,
+    "s_churn": tuple(NOISE_LEVEL_SOLVERS),
+    "s_tmin": tuple(NOISE_LEVEL_SOLVERS),
+    "s_tmax": tuple(NOISE_LEVEL_SOLVERS),
+    "s_noise": tuple(NOISE_LEVEL_SOLVERS),
+    "grid": INTEGRATORS,
+    "denoise_final": INTEGRATORS,
+    "clip_x0": INTEGRATORS,
+    "clip_percentile": INTEGRATORS,
+    "guidance_interval": INTEGRATORS,
+    "consistency_levels": tuple(FEW_STEP_SOLVERS),
+}
+
+
+def unused_setting(name, settings, objective="flow"):
+    """Why the sample setting `name` has no effect with the others in `settings` (an object
+    with the sample.* attributes) and train.objective `objective`, as the setting that decides
+    it (e.g. "sample.solver=euler ignores it (used by: edm_sde)"); None when it is read."""
+    s = settings
+    readers = SOLVER_SETTINGS.get(name)
+    if readers is not None and s.solver not in readers:
+        return f"sample.solver={s.solver} ignores it (used by: {', '.join(readers)})"
+    if name in ("s_tmin", "s_tmax", "s_noise") and s.s_churn == 0:
+        return "sample.s_churn=0 (no churn, so no noise to bound or scale)"
+    if name == "clip_percentile" and s.clip_x0 != "dynamic":
+        return f"sample.clip_x0={s.clip_x0} (the percentile is used by clip_x0=dynamic only)"
+    if name == "guidance_interval" and s.guidance_scale == 1.0:
+        return "sample.guidance_scale=1 (no guidance)"
+    if name == "consistency_levels" and objective != "consistency":
+        return f"train.objective={objective} (the levels are used by consistency models only)"
+    return None
+
+
 # ---------------------------------------------------------------------------------------------
 # Sampling.
 # ---------------------------------------------------------------------------------------------

@@ -215,9 +215,13 @@ def test_sample_and_info_modes(tmp_path):
     assert main.checkpoint_config(state, {"data.root": "/elsewhere"}).data.root == "/elsewhere"
 
 
-def test_points_sample_mode_writes_scatter(tmp_path):
-    config = tiny_config("moons", tmp_path, train__steps=2)
-    trainer = main.train(config, {}, utils.DistInfo())
+def test_points_sample_mode_writes_scatter(tmp_path, capsys):
+    config = tiny_config("moons", tmp_path, train__steps=2, sample__rtol=0.01)
+    trainer = main.train(config, {"sample.rtol": 0.01}, utils.DistInfo())  # as if by a flag
+    assert capsys.readouterr().err.splitlines()[0] == (
+        "warning: --config.sample.rtol=0.01 has no effect: sample.solver=heun ignores it (used "
+        "by: dopri5)"
+    )
     with pytest.raises(ValueError, match="sample.guidance_scale=2 needs a class-conditional"):
         main.load_for_sampling(
             {"sample.guidance_scale": 2.0}, utils.DistInfo(), trainer.run_dir, False
@@ -229,12 +233,19 @@ def test_points_sample_mode_writes_scatter(tmp_path):
     open(default_out, "w").close()  # where the samples would go without --out: a file
     path = main.load_checkpoint(trainer.run_dir)[1]
     out = tmp_path / "out"
-    sampled, other, blocked = run_main_forked(
+    sampled, other, blocked, unused, used = run_main_forked(
         [
             ["--mode=sample", f"--ckpt={path}", f"--out={out}", "--config.sample.num=50",
              "--config.sample.steps=2"],
             ["--mode=info", "--config=config.py:checkerboard", f"--ckpt={path}"],
             ["--mode=sample", f"--ckpt={trainer.run_dir}", "--config.sample.num=5"],
+            ["--mode=sample", f"--ckpt={path}", f"--out={out}2", "--config.sample.num=4",
+             "--config.sample.steps=1", "--config.sample.solver=euler",
+             "--config.sample.s_churn=5", "--config.sample.diffusion_scale=2",
+             "--config.sample.guidance_interval=(0.1,0.5)"],
+            ["--mode=sample", f"--ckpt={path}", f"--out={out}3", "--config.sample.num=4",
+             "--config.sample.steps=2", "--config.sample.solver=edm_sde",
+             "--config.sample.s_churn=5", "--config.sample.s_noise=1.01"],
         ],
         str(tmp_path / "runs"),
     )  # fmt: skip
@@ -247,6 +258,17 @@ def test_points_sample_mode_writes_scatter(tmp_path):
         f"trained with data.name=moons; the checkpoint's own config is used\n"
     )
     assert json.loads(other.stdout)["data"]["name"] == "moons"
+    # sampler flags the chosen solver does not read: a warning each, then the samples
+    assert unused.returncode == 0 and unused.stderr.splitlines() == [
+        "warning: --config.sample.s_churn=5.0 has no effect: sample.solver=euler ignores it "
+        "(used by: edm_sde)",
+        "warning: --config.sample.diffusion_scale=2.0 has no effect: sample.solver=euler "
+        "ignores it (used by: euler_maruyama, heun_sde)",
+        "warning: --config.sample.guidance_interval=(0.1, 0.5) has no effect: "
+        "sample.guidance_scale=1 (no guidance)",
+    ]
+    assert (tmp_path / "out2" / "samples.npz").exists()
+    assert used.returncode == 0 and used.stderr == "", used.stderr  # the preset's keys: silent
     assert blocked.returncode == 1 and blocked.stderr == (
         f"error: the default output directory {default_out} (set --out=DIR) is a file; give a "
         f"directory (created if absent)\n"
@@ -262,7 +284,7 @@ def test_help_lists_every_mode_and_preset():
     assert "config.py" in result.stdout
 
 
-def test_python_api_loads_a_checkpoint_and_samples(tmp_path):
+def test_python_api_loads_a_checkpoint_and_samples(tmp_path, capsys):
     """The README's notebook snippet: main.load_model + model.sample, no command line."""
     trainer = main.train(tiny_config("digits", tmp_path, train__steps=2), {}, utils.DistInfo())
     model = main.load_model(trainer.run_dir)
@@ -287,6 +309,14 @@ def test_python_api_loads_a_checkpoint_and_samples(tmp_path):
         with pytest.raises(ValueError, match=message):
             call()
     assert model.sample(np.int64(2), solver="euler", steps=1)[0].shape == (2, 8, 8, 1)
+    capsys.readouterr()
+    model.sample(2, solver="heun", steps=1, rtol=1e-3, clip_percentile=0.9)
+    assert capsys.readouterr().err.splitlines() == [
+        "warning: sample(rtol=0.001) has no effect: sample.solver=heun ignores it (used by: "
+        "dopri5)",
+        "warning: sample(clip_percentile=0.9) has no effect: sample.clip_x0=none (the "
+        "percentile is used by clip_x0=dynamic only)",
+    ]
     raw = main.load_model(trainer.run_dir, use_ema=False).sample(12, solver="euler", steps=3)[0]
     assert not np.array_equal(raw, images)  # the raw weights, not the EMA's
 

@@ -322,3 +322,94 @@ def test_every_solver_samples_gaussian_data_batch_independently(solver):
     assert torch.allclose(x.std(0), STD, rtol=0.1), x.std(0)
     small, _ = sampling.generate(net, process, "x0", (2,), [5, 9, 11], 7, 2, **kwargs)
     torch.testing.assert_close(small, x[[5, 9, 11]], rtol=1e-9, atol=1e-9)
+
+
+class WavyLabelNet(torch.nn.Module):
+    """A smooth, nonlinear velocity that depends on x, t and the label (null class 3: none)."""
+
+    def forward(self, x, t, y=None):
+        shift = torch.where(y == 3, torch.zeros_like(y), y + 1).to(x.dtype)
+        return torch.tanh(1.7 * x + bcast(t, x)) * 2.0 - 0.4 * bcast(shift, x) * x
+
+
+# Every solver-specific setting of sampling.SOLVER_SETTINGS, and a value other than BASE's.
+BASE = dict(
+    steps=4,
+    t_max=0.999,
+    t_min=1e-3,
+    grid="uniform",
+    diffusion="sigma",
+    diffusion_scale=1.0,
+    denoise_final=True,
+    guidance_scale=2.0,
+    guidance_interval=(0.0, 1.0),
+    clip_x0="dynamic",
+    clip_percentile=0.99,
+    rtol=1e-5,
+    atol=1e-5,
+    s_churn=1.0,
+    s_tmin=0.0,
+    s_tmax=1e9,
+    s_noise=1.0,
+)
+CHANGED = dict(
+    grid="edm",
+    diffusion="constant",
+    diffusion_scale=2.0,
+    denoise_final=False,
+    guidance_interval=(0.5, 1.0),
+    clip_x0="none",
+    clip_percentile=0.9,
+    rtol=1e-2,
+    atol=1e-2,
+    s_churn=0.5,
+    s_tmin=0.5,  # the uniform grid's noise levels are 999, 2.98, 1, 0.33: drops the 0.33 churn
+    s_tmax=1.0,  # drops the 2.98 churn (999 is never churned: above it the range ends)
+    s_noise=1.5,
+)
+
+
+@pytest.mark.parametrize(
+    "solver", [s for s in sampling.SOLVERS if s not in sampling.FEW_STEP_SOLVERS]
+)
+def test_unused_setting_is_exactly_the_settings_that_change_nothing(solver):
+    """For each setting, the samples change with its value exactly when unused_setting says the
+    solver reads it (with BASE's other values, under which every condition holds)."""
+    process, x1 = build_process("linear"), torch.randn(6, 2, generator=torch.Generator())
+    labels = torch.tensor([0, 1, 2, 0, 1, 2])
+
+    def run(**settings):
+        noise = sampling.PerSampleNoise(0, range(6))
+        kwargs = dict(y=labels, num_classes=3, noise=noise)
+        return sampling.sample(WavyLabelNet(), process, "velocity", x1, solver=solver, **kwargs,
+                               **settings)[0]  # fmt: skip
+
+    base = run(**BASE)
+    assert torch.isfinite(base).all()
+    settings = type("Settings", (), {**BASE, "solver": solver})
+    assert set(CHANGED) == set(sampling.SOLVER_SETTINGS) - {"consistency_levels"}
+    for name, value in CHANGED.items():
+        changes = not torch.equal(run(**{**BASE, name: value}), base)
+        why = sampling.unused_setting(name, settings, "flow")
+        assert changes == (why is None), (name, why)
+        if why:
+            assert why.startswith(f"sample.solver={solver} ignores it (used by: ")
+
+
+def test_unused_setting_names_the_setting_that_decides():
+    settings = lambda **kw: type("Settings", (), {**BASE, "solver": "edm_sde", **kw})
+    cases = [
+        ("s_noise", settings(s_churn=0.0), "sample.s_churn=0 (no churn, so no noise to bound"),
+        ("s_tmax", settings(s_churn=0.0), "sample.s_churn=0 (no churn"),
+        ("clip_percentile", settings(clip_x0="static"), "sample.clip_x0=static (the percentile"),
+        ("guidance_interval", settings(guidance_scale=1.0), "sample.guidance_scale=1 (no gui"),
+        ("consistency_levels", settings(), "sample.solver=edm_sde ignores it (used by: few_step)"),
+        ("consistency_levels", settings(solver="few_step"), "train.objective=meanflow (the lev"),
+        ("grid", settings(solver="few_step"), "sample.solver=few_step ignores it (used by: euler,"),
+    ]
+    for name, given, message in cases:
+        assert sampling.unused_setting(name, given, "meanflow").startswith(message), name
+    for name in ("steps", "solver", "seed", "s_churn", "s_tmin", "clip_percentile"):
+        assert sampling.unused_setting(name, settings(clip_x0="dynamic"), "flow") is None
+    assert sampling.unused_setting("consistency_levels", settings(solver="few_step"),
+                                   "consistency") is None  # fmt: skip
