@@ -23,7 +23,8 @@ def build_optimizer(model, lr, weight_decay=0.0, betas=(0.9, 0.999), eps=1e-8):
     """Fused AdamW (CUDA and CPU kernels). Setting `optimizer.found_inf` to a 0-dim tensor that
     is 1 makes `step()` a no-op on device, without a host sync: parameters, moments and the
     step count stay as they were (GradScaler's mechanism); the trainer uses it to skip
-    non-finite steps."""
+    non-finite steps. `optimizer.grad_scale` (a 0-dim tensor s) makes it step with the
+    gradients g / s: clip_gradients clips that way."""
     groups = param_groups(model, weight_decay)
     return torch.optim.AdamW(groups, lr=lr, betas=tuple(betas), eps=eps, fused=True)
 
@@ -76,27 +77,20 @@ def build_scheduler(
     return scheduler
 
 
-def clip_gradients(params, max_norm, host_reads_free=False):
-    """Clip the global gradient norm of `params` (a list of parameters, or a module) to
-    `max_norm` in place (no clipping when it is 0 or None) and return the norm before clipping
-    as a 0-dim tensor: g <- g * c with c = min(1, max_norm / (||g|| + 1e-6)), torch's
-    clip_grads_with_norm_ (so p.grad holds the clipped gradient afterwards, as usual).
+def clip_gradients(optimizer, params, max_norm):
+    """Clip the global gradient norm of `params` (a list of parameters) to `max_norm` in
+    `optimizer`'s next step (no clipping when it is 0 or None) and return the norm before
+    clipping as a 0-dim tensor.
 
-    The multiply runs with c on device, so there is no host sync. With `host_reads_free` (the
-    CPU, where reading c costs nothing) it is skipped when c = 1: a read and a write of every
-    gradient saved on each step whose norm is under the limit, with the same bits as a result."""
-    if isinstance(params, torch.nn.Module):
-        params = list(params.parameters())
+    Clipping is g <- g * c with c = min(1, max_norm / (||g|| + 1e-6)), torch's clip_grad_norm_.
+    It runs inside build_optimizer's fused AdamW: the kernel divides every gradient by
+    `optimizer.grad_scale` (GradScaler's unscaling) in its own pass over the parameters, so
+    setting it to 1 / c = max(1, (||g|| + 1e-6) / max_norm) clips with no pass of its own and,
+    with c kept on the device, no host sync. A non-finite norm gives a non-finite divisor; the
+    trainer skips such a step (optimizer.found_inf)."""
     norm = global_norm([p.grad for p in params if p.grad is not None])
-    if max_norm and not (host_reads_free and clip_coefficient(norm, max_norm) >= 1.0):
-        torch.nn.utils.clip_grads_with_norm_(params, max_norm, norm, foreach=True)
+    optimizer.grad_scale = ((norm + 1e-6) / float(max_norm)).clamp(min=1.0) if max_norm else None
     return norm
-
-
-def clip_coefficient(norm, max_norm):
-    """max_norm / (||g|| + 1e-6) in float32, as clip_grads_with_norm_ computes it before
-    clamping it to 1 (a Python float: a host read of `norm`)."""
-    return (float(max_norm) / (norm + 1e-6)).item()
 
 
 def global_norm(tensors):

@@ -5,9 +5,10 @@ One optimizer step (read `train_step` and `loss` top to bottom):
   gamma != 0 -> (optional minibatch-OT pairing of x1 to x0)
   -> x_t = alpha(t) x0 + sigma(t) x1 (+ gamma(t) z) -> out = net(x_t * input_scale(t), t, y)
   -> (pred, target) = prediction conversion -> MSE (+ MSE of the z-denoiser)
-  -> backward (accumulated over micro-batches, DDP sync only on the last) -> clip
+  -> backward (accumulated over micro-batches, DDP sync only on the last) -> gradient norm
   -> one all-reduce of two flags (non-finite loss / grad norm on any rank; stop requested on
-  any rank) -> optimizer + LR step -> EMA, both no-ops on device for a non-finite step
+  any rank) -> optimizer step (which also clips) + LR step -> EMA, both no-ops on device for a
+  non-finite step
   -> occasional log / sample / eval / save; a stop request ends the loop with a checkpoint.
 
 Randomness: the times, base samples, latents and label dropout of a step are drawn for the
@@ -134,9 +135,6 @@ class DiffusionTrainer:
         self.diverged = False
         self.last_healthy_ckpt = None  # protected from pruning
         self.poll_every = POLL_EVERY.get(self.device.type, POLL_EVERY_DEFAULT)
-        # The step may branch on a device value only where reading one is free (the CPU); the
-        # CPU tests of the sync-free step set this False to run the accelerator's control flow.
-        self.host_reads_free = self.device.type == "cpu"
         self.stopped = None  # (reason, checkpoint path) after a stop signal
 
     def build_scheduler(self, start_step):
@@ -231,11 +229,11 @@ class DiffusionTrainer:
                 loss = self.loss(x0, y, t, x1, z, drop, extra) / self.grad_accum
                 loss.backward()
             loss_sum += loss.detach()
-        grad_norm = clip_gradients(self.params, self.config.train.grad_clip, self.host_reads_free)
+        grad_norm = clip_gradients(self.optimizer, self.params, self.config.train.grad_clip)
         local_bad = ~(torch.isfinite(loss_sum) & torch.isfinite(grad_norm))
         skipped, stop = utils.any_rank([local_bad, stop_requested], self.device)
         self.optimizer.found_inf = skipped  # fused AdamW: no update at all when 1
-        self.optimizer.step()
+        self.optimizer.step()  # clips too (clip_gradients set its divisor)
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.ema.update(self.net, keep=1.0 - skipped)  # no EMA step when skipped

@@ -46,7 +46,6 @@ def check(name, precision, steps):
         overrides = {"train.precision": precision, "data.num_points": 4096, **overrides}
         config = bench_config(preset, workdir, **overrides)
         trainer = main.build_trainer(config, utils.setup_distributed())
-        trainer.host_reads_free = False  # on the CPU too: check the accelerator's control flow
         for _ in range(2):
             trainer.train_step()
         cuda = trainer.device.type == "cuda"

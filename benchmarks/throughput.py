@@ -246,8 +246,9 @@ def variant(trainer, no_ema=False, no_norm=False, torch_norm=False):
     zero = torch.zeros((), device=trainer.device)
     if no_ema:
         trainer.ema.update = lambda *args, **kwargs: None
-    if no_norm:
+    if no_norm:  # and no divisor for the optimizer's step: the one of the last step goes
         trainer_module.clip_gradients = lambda *args, **kwargs: zero
+        trainer.optimizer.grad_scale = None
     if torch_norm:
         optimizers.global_norm = lambda grads: torch.nn.utils.get_total_norm(grads, foreach=True)
     try:

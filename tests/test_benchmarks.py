@@ -110,9 +110,10 @@ def test_variant_replaces_only_the_named_parts_and_restores_them(tmp_path):
         loss, grad_norm, _, _ = trainer.train_step()
         assert float(grad_norm) > 0  # the norm still runs
         assert ema_unchanged()
+    assert trainer.optimizer.grad_scale is not None  # the clipping divisor of that step
     with throughput.variant(trainer, no_norm=True):
         _, grad_norm, _, _ = trainer.train_step()
-        assert float(grad_norm) == 0
+        assert float(grad_norm) == 0 and trainer.optimizer.grad_scale is None  # no clipping
         assert not ema_unchanged()
     with throughput.variant(trainer, torch_norm=True):
         assert optimizers.global_norm is not norm

@@ -59,7 +59,6 @@ def test_train_step_makes_no_host_sync(tmp_path, name):
     preset, overrides = CASES[name]
     config = tiny_config(preset, tmp_path, **overrides)
     trainer = main.build_trainer(config, utils.setup_distributed())
-    trainer.host_reads_free = False  # the accelerator's control flow, run on the CPU
     trainer.train_step()  # first step: lazy state (optimizer moments, cached tensor lists)
     with utils.HostSyncCounter() as syncs:
         for _ in range(2):
@@ -74,7 +73,7 @@ def test_training_loop_reads_the_host_only_at_poll_and_log_steps(tmp_path):
     config = tiny_config("digits", tmp_path, train__steps=100, train__log_every=5)
     config.train.save_every = 10**6
     trainer = main.build_trainer(config, utils.setup_distributed())
-    trainer.poll_every, trainer.host_reads_free = 5, False  # as on a GPU
+    trainer.poll_every = 5  # as on a GPU
     trainer.train_step()
     logs = []
 

@@ -16,7 +16,6 @@ from ema import EMA
 from optimizers import (
     build_optimizer,
     build_scheduler,
-    clip_coefficient,
     clip_gradients,
     global_norm,
     param_groups,
@@ -90,52 +89,58 @@ def test_schedules(schedule):
         build_scheduler(optimizer, "step", 10)
 
 
-def test_clip_gradients_returns_norm_and_clips():
+def test_clip_gradients_returns_norm_and_sets_the_step_divisor():
     model = torch.nn.Linear(3, 1, bias=False)
+    optimizer = build_optimizer(model, 1e-3)
     model.weight.grad = torch.tensor([[3.0, 4.0, 0.0]])
-    norm = clip_gradients(model, 1.0)
+    norm = clip_gradients(optimizer, list(model.parameters()), 2.0)
     assert norm.item() == pytest.approx(5.0)
-    assert model.weight.grad.norm().item() == pytest.approx(1.0, rel=1e-5)
-    model.weight.grad = torch.tensor([[3.0, 4.0, 0.0]])
-    assert clip_gradients(model, 0.0).item() == pytest.approx(5.0)  # 0 disables clipping
-    assert model.weight.grad.norm().item() == pytest.approx(5.0)
+    assert optimizer.grad_scale.item() == pytest.approx((5.0 + 1e-6) / 2.0, rel=1e-7)
+    model.weight.grad = torch.tensor([[0.3, 0.4, 0.0]])  # under the limit: divide by 1
+    assert clip_gradients(optimizer, list(model.parameters()), 2.0).item() == pytest.approx(0.5)
+    assert optimizer.grad_scale.item() == 1.0
+    assert clip_gradients(optimizer, list(model.parameters()), 0.0).item() == pytest.approx(0.5)
+    assert optimizer.grad_scale is None  # 0 disables clipping
 
 
-@pytest.mark.parametrize(
-    "scale, multiplies",  # ||g||; 1 - 2e-7 is under max_norm = 1 but c = 1 / (||g|| + 1e-6) < 1
-    [(0.01, False), (1.0 - 1.5e-6, False), (1.0 - 2e-7, True), (1.0, True), (100.0, True)]
-    + [(math.nan, True)],
+@pytest.mark.parametrize(  # ||g||; 1 - 2e-7 is under max_norm = 1 but c = 1 / (||g|| + 1e-6) < 1
+    "scale", [0.01, 1.0 - 1.5e-6, 1.0 - 2e-7, 1.0, 100.0, math.nan]
 )
-def test_clip_gradients_skips_only_the_unit_multiply_with_free_host_reads(scale, multiplies):
-    """With host reads free (the CPU) the multiply by c = min(1, max_norm / (||g|| + 1e-6)) is
-    skipped when c is 1 (the gradient tensors are not written: their version counters stay);
-    without (a GPU), it always runs. Either way the gradients are, to the bit, those of torch's
-    clip_grads_with_norm_ (which always multiplies), at the boundary and for a nan norm too."""
+def test_clipping_in_the_fused_step_equals_torch_clip_then_step(scale):
+    """Fused AdamW with clip_gradients' divisor steps as if torch's clip_grads_with_norm_ had
+    multiplied the gradients by c first: the same weights and clipped gradients to float32
+    rounding (g / (1 / c) against g * c), on both sides of the limit and at it. A nan norm
+    gives a nan divisor, and with found_inf set (the trainer's skip) the step changes nothing."""
     torch.manual_seed(0)
     grads = [torch.randn(40, 30), torch.randn(30), torch.randn(1)]
     total = math.sqrt(sum((g.double() ** 2).sum().item() for g in grads))
+    weights = [torch.randn_like(g) for g in grads]
 
     def parameters():
-        params = [torch.nn.Parameter(torch.zeros_like(g)) for g in grads]
-        for p, g in zip(params, grads, strict=True):
-            p.grad = (g / total * scale).float()
-        return params
+        return [torch.nn.Parameter(w.clone()) for w in weights]
 
-    reference = parameters()
-    norm = global_norm([p.grad for p in reference])
-    torch.testing.assert_close(
-        norm, torch.nn.utils.get_total_norm([p.grad for p in reference]), equal_nan=True
-    )
-    torch.nn.utils.clip_grads_with_norm_(reference, 1.0, norm, foreach=True)
-    assert (clip_coefficient(norm, 1.0) >= 1.0) == (not multiplies)
-    for host_reads_free in (True, False):
-        ours = parameters()
-        versions = [p.grad._version for p in ours]
-        assert torch.equal(clip_gradients(ours, 1.0, host_reads_free), norm) or math.isnan(scale)
-        multiplied = [p.grad._version != v for p, v in zip(ours, versions, strict=True)]
-        assert multiplied == [multiplies or not host_reads_free] * len(ours)
+    reference, ours = parameters(), parameters()
+    reference_step = build_optimizer(torch.nn.ParameterList(reference), 1e-2)
+    our_step = build_optimizer(torch.nn.ParameterList(ours), 1e-2)
+    for _ in range(3):
+        for params in (reference, ours):
+            for p, g in zip(params, grads, strict=True):
+                p.grad = (g / total * scale).float()
+        norm = torch.nn.utils.get_total_norm([p.grad for p in reference])
+        torch.nn.utils.clip_grads_with_norm_(reference, 1.0, norm, foreach=True)
+        our_norm = clip_gradients(our_step, ours, 1.0)
+        torch.testing.assert_close(our_norm, norm, equal_nan=True)
+        if math.isnan(scale):
+            assert our_step.grad_scale.isnan()
+            our_step.found_inf = torch.ones(())
+            our_step.step()
+            assert all(torch.equal(p, w) for p, w in zip(ours, weights, strict=True))
+            return
+        reference_step.step()
+        our_step.step()
         for p, q in zip(ours, reference, strict=True):
-            assert torch.equal(p.grad, q.grad) or (p.grad.isnan() & q.grad.isnan()).all()
+            torch.testing.assert_close(p.grad, q.grad, rtol=2e-7, atol=0)
+            torch.testing.assert_close(p, q, rtol=1e-6, atol=1e-7)
 
 
 def test_global_norm_matches_float64_and_flags_overflow_and_non_finite():
@@ -157,7 +162,7 @@ def test_global_norm_matches_float64_and_flags_overflow_and_non_finite():
 
 @pytest.mark.parametrize("max_norm", [0.5, 0.0])
 def test_clip_gradients_then_fused_adamw_equals_torch_clip_then_foreach_adamw(max_norm):
-    """build_optimizer's fused AdamW after clip_gradients gives the same weights as torch's
+    """build_optimizer's fused AdamW with clip_gradients' divisor gives the same weights as torch's
     clip_grad_norm_ and a plain (foreach) AdamW with the same groups, over steps with and
     without clipping (the gradient norm crosses max_norm)."""
     torch.manual_seed(0)
@@ -169,7 +174,7 @@ def test_clip_gradients_then_fused_adamw_equals_torch_clip_then_foreach_adamw(ma
     for scale in (10.0, 0.1, 10.0, 1.0):
         x = torch.randn(16, 5) * scale
         (ours(x) ** 2).mean().backward()
-        norms.append(clip_gradients(list(ours.parameters()), max_norm).item())
+        norms.append(clip_gradients(fused, list(ours.parameters()), max_norm).item())
         (reference(x) ** 2).mean().backward()
         torch_norm = torch.nn.utils.clip_grad_norm_(reference.parameters(), max_norm or math.inf)
         assert norms[-1] == pytest.approx(torch_norm.item(), rel=1e-6)
