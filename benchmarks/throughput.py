@@ -15,7 +15,8 @@ over rounds with a 95 % bootstrap interval of that median. Each block is one `tr
 whose own start and end (about 0.3 ms on the CPU) count as overhead.
 
 Parts (`--parts N`, 0 to skip): what the EMA update and the gradient norm with clipping cost,
-from N rounds of single steps interleaved (`part_rows`).
+and what torch's norm would cost instead of optimizers.global_norm, from N rounds of single
+steps interleaved (`part_rows`).
 
 GPU (`--gpu`): for the cifar10 U-Net and a DiT-S/2 at batch 128,
 bare steps in fp32 eager, bf16 autocast, torch.compile, channels-last and fused AdamW, with
@@ -133,6 +134,7 @@ PARTS = {  # name: the keyword arguments of `variant` for the trainer's step wit
     "without the EMA update": {"no_ema": True},
     "without the gradient norm and clipping": {"no_norm": True},
     "without the EMA, the gradient norm and clipping": {"no_ema": True, "no_norm": True},
+    "torch's get_total_norm instead of optimizers.global_norm": {"torch_norm": True},
 }
 
 
@@ -236,22 +238,25 @@ def median_interval(values, level=0.95, resamples=2000, seed=0):
 
 
 @contextlib.contextmanager
-def variant(trainer, no_ema=False, no_norm=False):
-    """The trainer with no EMA update (`no_ema`), or no gradient norm hence no clipping
-    (`no_norm`): what each part costs, for this benchmark only."""
-    clip = trainer_module.clip_gradients
+def variant(trainer, no_ema=False, no_norm=False, torch_norm=False):
+    """The trainer with no EMA update (`no_ema`), no gradient norm hence no clipping
+    (`no_norm`), or its gradient norm computed by torch's get_total_norm instead of
+    optimizers.global_norm (`torch_norm`): what each part costs, for this benchmark only."""
+    clip, norm = trainer_module.clip_gradients, optimizers.global_norm
     zero = torch.zeros((), device=trainer.device)
     if no_ema:
         trainer.ema.update = lambda *args, **kwargs: None
     if no_norm:  # and no divisor for the optimizer's step: the one of the last step goes
         trainer_module.clip_gradients = lambda *args, **kwargs: zero
         trainer.optimizer.grad_scale = None
+    if torch_norm:
+        optimizers.global_norm = lambda grads: torch.nn.utils.get_total_norm(grads, foreach=True)
     try:
         yield
     finally:
         if no_ema:
             del trainer.ema.update  # the instance attribute: the method shows through again
-        trainer_module.clip_gradients = clip
+        trainer_module.clip_gradients, optimizers.global_norm = clip, norm
 
 
 def logger_factory(trainer):

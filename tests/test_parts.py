@@ -17,6 +17,7 @@ from optimizers import (
     build_optimizer,
     build_scheduler,
     clip_gradients,
+    global_norm,
     param_groups,
 )
 
@@ -142,28 +143,21 @@ def test_clipping_in_the_fused_step_equals_torch_clip_then_step(scale):
             torch.testing.assert_close(p, q, rtol=1e-6, atol=1e-7)
 
 
-def test_clip_gradients_norm_matches_float64_and_flags_overflow_and_non_finite():
-    """The norm clip_gradients returns equals a float64 computation over gradients of any
-    layout, is 0 for no gradients, and is inf / nan for overflowing or non-finite entries (so
-    that the trainer's guard skips such a step)."""
+def test_global_norm_matches_float64_and_flags_overflow_and_non_finite():
+    """The dot-product norm of the CPU equals a float64 computation over tensors of any layout,
+    is 0 for no tensors, and is inf / nan for overflowing or non-finite entries (so that the
+    trainer's guard skips such a step)."""
     torch.manual_seed(0)
-    grads = [torch.randn(512, 256), torch.randn(7), torch.randn(3, 4, 5).transpose(0, 2)]
-    expected = math.sqrt(sum((g.double() ** 2).sum().item() for g in grads))
-
-    def norm_of(grads):  # plus a parameter without a gradient, which does not count
-        params = [torch.nn.Parameter(torch.zeros_like(g)) for g in grads]
-        for p, g in zip(params, grads, strict=True):
-            p.grad = g
-        params.append(torch.nn.Parameter(torch.ones(3)))
-        return clip_gradients(build_optimizer(torch.nn.ParameterList(params), 1e-3), params, 1.0)
-
-    norm = norm_of(grads)
+    tensors = [torch.randn(512, 256), torch.randn(7), torch.randn(3, 4, 5).transpose(0, 2)]
+    expected = math.sqrt(sum((t.double() ** 2).sum().item() for t in tensors))
+    norm = global_norm(tensors)
     assert norm.dtype == torch.float32 and norm.shape == ()
     assert norm.item() == pytest.approx(expected, rel=1e-6)
-    assert norm_of([]).item() == 0.0
-    assert norm_of([torch.tensor([1e20, 1.0])]).item() == math.inf  # square overflows
-    assert math.isnan(norm_of([torch.tensor([float("nan"), 1.0])]).item())
-    assert norm_of([torch.ones(2), torch.tensor([-math.inf])]).item() == math.inf
+    assert norm.item() == pytest.approx(torch.nn.utils.get_total_norm(tensors).item(), rel=1e-5)
+    assert global_norm([]).item() == 0.0
+    assert global_norm([torch.tensor([1e20, 1.0])]).item() == math.inf  # square overflows
+    assert math.isnan(global_norm([torch.tensor([float("nan"), 1.0])]).item())
+    assert global_norm([torch.ones(2), torch.tensor([-math.inf])]).item() == math.inf
 
 
 @pytest.mark.parametrize("max_norm", [0.5, 0.0])
