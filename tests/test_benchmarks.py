@@ -121,6 +121,19 @@ def test_variant_replaces_only_the_named_parts_and_restores_them(tmp_path):
         assert float(optimizers.global_norm(grads)) == pytest.approx(13.0)
         _, grad_norm, _, _ = trainer.train_step()
         assert float(grad_norm) > 0
+    with throughput.variant(trainer, separate_clip=True):  # clips the gradients themselves
+        for p in trainer.params:
+            p.grad = torch.full_like(p, 3.0)
+        unclipped = trainer_module.clip_gradients(trainer.optimizer, trainer.params, 1.0)
+        assert float(unclipped) == pytest.approx(
+            3.0 * sum(p.numel() for p in trainer.params) ** 0.5
+        )
+        clipped = optimizers.global_norm([p.grad for p in trainer.params])
+        assert float(clipped) == pytest.approx(1.0, rel=1e-5)
+        assert trainer.optimizer.grad_scale is None  # the step does not divide again
+        trainer.optimizer.zero_grad(set_to_none=True)
+        _, grad_norm, _, _ = trainer.train_step()
+        assert float(grad_norm) > 0
     assert trainer_module.clip_gradients is clip and trainer.ema.update == update
     assert optimizers.global_norm is norm
     assert "update" not in vars(trainer.ema)
