@@ -78,32 +78,18 @@ def build_scheduler(
 
 
 def clip_gradients(optimizer, params, max_norm):
-    """Clip the global gradient norm of `params` (a list of parameters) to `max_norm` in
-    `optimizer`'s next step (no clipping when it is 0 or None) and return the norm before
-    clipping as a 0-dim tensor.
+    """Clip the global gradient norm ||g|| of `params` (a list of parameters; the 2-norm of all
+    their gradients together, torch's get_total_norm) to `max_norm` in `optimizer`'s next step
+    (no clipping when it is 0 or None) and return ||g|| before clipping as a 0-dim tensor.
 
     Clipping is g <- g * c with c = min(1, max_norm / (||g|| + 1e-6)), torch's clip_grad_norm_.
     It runs inside build_optimizer's fused AdamW: the kernel divides every gradient by
-    `optimizer.grad_scale` (GradScaler's unscaling) in its own pass over the parameters, so
-    setting it to 1 / c = max(1, (||g|| + 1e-6) / max_norm) clips with no pass of its own and,
-    with c kept on the device, no host sync. A non-finite norm gives a non-finite divisor; the
-    trainer skips such a step (optimizer.found_inf)."""
-    norm = global_norm([p.grad for p in params if p.grad is not None])
+    `optimizer.grad_scale` (GradScaler's unscaling) as it reads them for the update, so setting
+    it to 1 / c = max(1, (||g|| + 1e-6) / max_norm) clips with no multiply of its own and, with
+    c kept on the device, no host sync. p.grad is unclipped until `step()` (on the CPU the
+    kernel writes g / s back to it). A non-finite norm gives a non-finite divisor; the trainer
+    skips such a step (optimizer.found_inf)."""
+    grads = [p.grad for p in params if p.grad is not None]
+    norm = torch.nn.utils.get_total_norm(grads, foreach=True)  # 0 for no gradients
     optimizer.grad_scale = ((norm + 1e-6) / float(max_norm)).clamp(min=1.0) if max_norm else None
     return norm
-
-
-def global_norm(tensors):
-    """||(t_1, ..., t_n)||_2 = sqrt(sum_i <t_i, t_i>) as a 0-dim float32 tensor (0 for none).
-
-    On CUDA, torch's multi-tensor norm (get_total_norm: a few fused kernels). On the CPU, the
-    sum of per-tensor BLAS dot products <t_i, t_i>, which is faster than torch's CPU norm kernel:
-    about 0.8 ms of the 2-D MLP's 34 ms step in docs/benchmarks.md ("Training-loop overhead",
-    from benchmarks/throughput.py). The squares are summed in float32, so a norm above about
-    1.8e19 overflows to inf (the trainer then skips the step, as for a non-finite one)."""
-    if not tensors:
-        return torch.zeros(())
-    if tensors[0].device.type != "cpu":
-        return torch.nn.utils.get_total_norm(tensors, foreach=True).float()
-    flat = [t.reshape(-1).float() for t in tensors]
-    return torch.stack([torch.dot(t, t) for t in flat]).sum().sqrt()

@@ -15,9 +15,8 @@ over rounds with a 95 % bootstrap interval of that median. Each block is one `tr
 whose own start and end (about 0.3 ms on the CPU) count as overhead.
 
 Parts (`--parts N`, 0 to skip): what the EMA update and the gradient norm with clipping cost,
-and what torch's norm instead of optimizers.global_norm and clipping by a multiply of its own
-instead of in the optimizer's step would cost, from N rounds of single steps interleaved
-(`part_rows`).
+and what clipping by a multiply of its own instead of in the optimizer's step would cost, from
+N rounds of single steps interleaved (`part_rows`).
 
 GPU (`--gpu`): for the cifar10 U-Net and a DiT-S/2 at batch 128,
 bare steps in fp32 eager, bf16 autocast, torch.compile, channels-last and fused AdamW, with
@@ -135,7 +134,6 @@ PARTS = {  # name: the keyword arguments of `variant` for the trainer's step wit
     "without the EMA update": {"no_ema": True},
     "without the gradient norm and clipping": {"no_norm": True},
     "without the EMA, the gradient norm and clipping": {"no_ema": True, "no_norm": True},
-    "torch's get_total_norm instead of optimizers.global_norm": {"torch_norm": True},
     "clipping as its own multiply (clip_grads_with_norm_), not in the optimizer's step": {
         "separate_clip": True
     },
@@ -242,37 +240,35 @@ def median_interval(values, level=0.95, resamples=2000, seed=0):
 
 
 @contextlib.contextmanager
-def variant(trainer, no_ema=False, no_norm=False, torch_norm=False, separate_clip=False):
+def variant(trainer, no_ema=False, no_norm=False, separate_clip=False):
     """The trainer with no EMA update (`no_ema`), no gradient norm hence no clipping
-    (`no_norm`), its gradient norm computed by torch's get_total_norm instead of
-    optimizers.global_norm (`torch_norm`), or clipping by torch's clip_grads_with_norm_ (a
-    multiply of every gradient, always run) before an unscaled optimizer step instead of in the
-    step (`separate_clip`): what each part costs, for this benchmark only."""
-    clip, norm = trainer_module.clip_gradients, optimizers.global_norm
+    (`no_norm`), or clipping by torch's clip_grads_with_norm_ (a multiply of every gradient,
+    always run) before an unscaled optimizer step instead of in the step (`separate_clip`):
+    what each part costs, for this benchmark only."""
+    clip = trainer_module.clip_gradients
     zero = torch.zeros((), device=trainer.device)
     if no_ema:
         trainer.ema.update = lambda *args, **kwargs: None
-    if no_norm:  # and no divisor for the optimizer's step: the one of the last step goes
+    if no_norm:  # and drop the previous step's divisor: the optimizer step clips nothing
         trainer_module.clip_gradients = lambda *args, **kwargs: zero
         trainer.optimizer.grad_scale = None
     if separate_clip:
 
         def clip_then_step_unscaled(optimizer, params, max_norm):
-            grad_norm = clip(optimizer, params, max_norm)
+            grads = [p.grad for p in params if p.grad is not None]
+            grad_norm = torch.nn.utils.get_total_norm(grads, foreach=True)
             if max_norm:
                 torch.nn.utils.clip_grads_with_norm_(params, max_norm, grad_norm, foreach=True)
             optimizer.grad_scale = None
             return grad_norm
 
         trainer_module.clip_gradients = clip_then_step_unscaled
-    if torch_norm:
-        optimizers.global_norm = lambda grads: torch.nn.utils.get_total_norm(grads, foreach=True)
     try:
         yield
     finally:
         if no_ema:
             del trainer.ema.update  # the instance attribute: the method shows through again
-        trainer_module.clip_gradients, optimizers.global_norm = clip, norm
+        trainer_module.clip_gradients = clip
 
 
 def logger_factory(trainer):

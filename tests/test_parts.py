@@ -17,7 +17,6 @@ from optimizers import (
     build_optimizer,
     build_scheduler,
     clip_gradients,
-    global_norm,
     param_groups,
 )
 
@@ -99,8 +98,9 @@ def test_clip_gradients_returns_norm_and_sets_the_step_divisor():
     model.weight.grad = torch.tensor([[0.3, 0.4, 0.0]])  # under the limit: divide by 1
     assert clip_gradients(optimizer, list(model.parameters()), 2.0).item() == pytest.approx(0.5)
     assert optimizer.grad_scale.item() == 1.0
-    assert clip_gradients(optimizer, list(model.parameters()), 0.0).item() == pytest.approx(0.5)
-    assert optimizer.grad_scale is None  # 0 disables clipping
+    for off in (0.0, None):  # disable clipping
+        assert clip_gradients(optimizer, list(model.parameters()), off).item() == pytest.approx(0.5)
+        assert optimizer.grad_scale is None
 
 
 @pytest.mark.parametrize(  # ||g||; 1 - 2e-7 is under max_norm = 1 but c = 1 / (||g|| + 1e-6) < 1
@@ -109,8 +109,9 @@ def test_clip_gradients_returns_norm_and_sets_the_step_divisor():
 def test_clipping_in_the_fused_step_equals_torch_clip_then_step(scale):
     """Fused AdamW with clip_gradients' divisor steps as if torch's clip_grads_with_norm_ had
     multiplied the gradients by c first: the same weights and clipped gradients to float32
-    rounding (g / (1 / c) against g * c), on both sides of the limit and at it. A nan norm
-    gives a nan divisor, and with found_inf set (the trainer's skip) the step changes nothing."""
+    rounding (g / (1 / c) against g * c), on both sides of the limit and at it, over steps
+    whose norms differ. A nan norm gives a nan divisor, and with found_inf set (the trainer's
+    skip) the step changes nothing."""
     torch.manual_seed(0)
     grads = [torch.randn(40, 30), torch.randn(30), torch.randn(1)]
     total = math.sqrt(sum((g.double() ** 2).sum().item() for g in grads))
@@ -122,10 +123,10 @@ def test_clipping_in_the_fused_step_equals_torch_clip_then_step(scale):
     reference, ours = parameters(), parameters()
     reference_step = build_optimizer(torch.nn.ParameterList(reference), 1e-2)
     our_step = build_optimizer(torch.nn.ParameterList(ours), 1e-2)
-    for _ in range(3):
+    for factor in (1.0, 0.3, 3.0):  # the norm changes from step to step
         for params in (reference, ours):
             for p, g in zip(params, grads, strict=True):
-                p.grad = (g / total * scale).float()
+                p.grad = (g / total * scale * factor).float()
         norm = torch.nn.utils.get_total_norm([p.grad for p in reference])
         torch.nn.utils.clip_grads_with_norm_(reference, 1.0, norm, foreach=True)
         our_norm = clip_gradients(our_step, ours, 1.0)
@@ -143,21 +144,28 @@ def test_clipping_in_the_fused_step_equals_torch_clip_then_step(scale):
             torch.testing.assert_close(p, q, rtol=1e-6, atol=1e-7)
 
 
-def test_global_norm_matches_float64_and_flags_overflow_and_non_finite():
-    """The dot-product norm of the CPU equals a float64 computation over tensors of any layout,
-    is 0 for no tensors, and is inf / nan for overflowing or non-finite entries (so that the
-    trainer's guard skips such a step)."""
+def test_clip_gradients_norm_matches_float64_and_flags_overflow_and_non_finite():
+    """The norm clip_gradients returns equals a float64 computation over gradients of any
+    layout, is 0 for no gradients, and is inf / nan for overflowing or non-finite entries (so
+    that the trainer's guard skips such a step)."""
     torch.manual_seed(0)
-    tensors = [torch.randn(512, 256), torch.randn(7), torch.randn(3, 4, 5).transpose(0, 2)]
-    expected = math.sqrt(sum((t.double() ** 2).sum().item() for t in tensors))
-    norm = global_norm(tensors)
+    grads = [torch.randn(512, 256), torch.randn(7), torch.randn(3, 4, 5).transpose(0, 2)]
+    expected = math.sqrt(sum((g.double() ** 2).sum().item() for g in grads))
+
+    def norm_of(grads):  # plus a parameter without a gradient, which does not count
+        params = [torch.nn.Parameter(torch.zeros_like(g)) for g in grads]
+        for p, g in zip(params, grads, strict=True):
+            p.grad = g
+        params.append(torch.nn.Parameter(torch.ones(3)))
+        return clip_gradients(build_optimizer(torch.nn.ParameterList(params), 1e-3), params, 1.0)
+
+    norm = norm_of(grads)
     assert norm.dtype == torch.float32 and norm.shape == ()
     assert norm.item() == pytest.approx(expected, rel=1e-6)
-    assert norm.item() == pytest.approx(torch.nn.utils.get_total_norm(tensors).item(), rel=1e-5)
-    assert global_norm([]).item() == 0.0
-    assert global_norm([torch.tensor([1e20, 1.0])]).item() == math.inf  # square overflows
-    assert math.isnan(global_norm([torch.tensor([float("nan"), 1.0])]).item())
-    assert global_norm([torch.ones(2), torch.tensor([-math.inf])]).item() == math.inf
+    assert norm_of([]).item() == 0.0
+    assert norm_of([torch.tensor([1e20, 1.0])]).item() == math.inf  # square overflows
+    assert math.isnan(norm_of([torch.tensor([float("nan"), 1.0])]).item())
+    assert norm_of([torch.ones(2), torch.tensor([-math.inf])]).item() == math.inf
 
 
 @pytest.mark.parametrize("max_norm", [0.5, 0.0])

@@ -96,6 +96,33 @@ def test_gradient_accumulation_matches_full_batch(tmp_path):
     assert any(not torch.equal(init[k], v) for k, v in full.net.state_dict().items())
 
 
+def test_train_step_clips_its_update_as_torch_clip_grad_norm_does(tmp_path):
+    """One step with train.grad_clip=1e-3 (far under the gradient norm) moves the weights as an
+    unclipped step whose gradients torch's clip_grad_norm_ scaled first, and not as the same
+    step without clipping (Adam is nearly scale-free, but not at gradients near its eps)."""
+
+    def build(name, grad_clip):
+        config = tiny_config("checkerboard", tmp_path / name, train__grad_clip=grad_clip)
+        config.train.adam_eps = 1e-3  # so that the clipped gradients' scale shows in the update
+        return main.build_trainer(config, SINGLE)
+
+    ours, reference, unclipped = build("a", 1e-3), build("b", 0.0), build("c", 0.0)
+    step = reference.optimizer.step
+
+    def clip_then_step():  # reference: torch's clipping of the gradients, then a plain step
+        torch.nn.utils.clip_grad_norm_(reference.params, 1e-3)
+        step()
+
+    reference.optimizer.step = clip_then_step
+    for trainer in (ours, reference, unclipped):
+        _, grad_norm, skipped, _ = trainer.train_step()
+        assert float(grad_norm) > 1e-2 and float(skipped) == 0
+    for p, q, r in zip(ours.params, reference.params, unclipped.params, strict=True):
+        torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-7)
+    distance = max((p - r).abs().max().item() for p, r in zip(ours.params, unclipped.params))
+    assert distance > 1e-4
+
+
 def test_checkpoint_contents_pruning_and_nan_refusal(tmp_path):
     config = tiny_config(
         "digits", tmp_path, train__steps=6, train__save_every=1, train__keep_ckpts=2
