@@ -12,6 +12,7 @@ from test_data import fail_download, write_cifar, write_mnist, write_png
 
 import data_utils
 import main
+import trainer as trainer_lib
 import utils
 from logging_utils import read_metrics
 from trainer import TrainingDiverged, data_info_of, find_latest_checkpoint
@@ -96,30 +97,31 @@ def test_gradient_accumulation_matches_full_batch(tmp_path):
     assert any(not torch.equal(init[k], v) for k, v in full.net.state_dict().items())
 
 
-def test_train_step_clips_its_update_as_torch_clip_grad_norm_does(tmp_path):
+def test_train_step_clips_its_update_as_torch_clip_grad_norm_does(tmp_path, monkeypatch):
     """One step with train.grad_clip=1e-3 (far under the gradient norm) moves the weights as an
     unclipped step whose gradients torch's clip_grad_norm_ scaled first, and not as the same
     step without clipping (Adam is nearly scale-free, but not at gradients near its eps)."""
 
-    def build(name, grad_clip):
+    def step(name, grad_clip):
         config = tiny_config("checkerboard", tmp_path / name, train__grad_clip=grad_clip)
         config.train.adam_eps = 1e-3  # so that the clipped gradients' scale shows in the update
-        return main.build_trainer(config, SINGLE)
-
-    ours, reference, unclipped = build("a", 1e-3), build("b", 0.0), build("c", 0.0)
-    step = reference.optimizer.step
-
-    def clip_then_step():  # reference: torch's clipping of the gradients, then a plain step
-        torch.nn.utils.clip_grad_norm_(reference.params, 1e-3)
-        step()
-
-    reference.optimizer.step = clip_then_step
-    for trainer in (ours, reference, unclipped):
+        trainer = main.build_trainer(config, SINGLE)
         _, grad_norm, skipped, _ = trainer.train_step()
+        trainer.run_lock.release()
         assert float(grad_norm) > 1e-2 and float(skipped) == 0
-    for p, q in zip(ours.params, reference.params, strict=True):
+        return trainer.params
+
+    ours, unclipped = step("ours", 1e-3), step("unclipped", 0.0)
+
+    def torch_clip_then_plain_step(optimizer, params, max_norm):
+        optimizer.grad_scale = None
+        return torch.nn.utils.clip_grad_norm_(params, max_norm)
+
+    monkeypatch.setattr(trainer_lib, "clip_gradients", torch_clip_then_plain_step)
+    reference = step("reference", 1e-3)
+    for p, q in zip(ours, reference, strict=True):
         torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-7)
-    pairs = zip(ours.params, unclipped.params, strict=True)
+    pairs = zip(ours, unclipped, strict=True)
     assert max((p - r).abs().max().item() for p, r in pairs) > 1e-4
 
 
