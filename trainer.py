@@ -293,6 +293,7 @@ class DiffusionTrainer:
                         "lr": self.scheduler.get_last_lr()[0],
                         "steps_per_sec": (self.step - step_at_tic) / max(time.time() - tic, 1e-9),
                         "skipped_steps": int(self.skipped_steps.item()),
+                        "peak_memory_mib": utils.peak_memory_mib(self.device),
                     }
                     metrics["samples_per_sec"] = metrics["steps_per_sec"] * c.batch_size
                     self.report_skipped(metrics["skipped_steps"] - skipped_at_log, step_at_tic)

@@ -240,6 +240,22 @@ def any_rank(flags, device):
     return values
 
 
+def peak_memory_mib(device):
+    """This process's peak memory so far in MiB: on CUDA the caching allocator's peak of
+    allocated tensor memory on `device` (torch.cuda.max_memory_allocated: a counter read, no
+    sync); on the CPU the peak resident set size of the process (getrusage's ru_maxrss, in KiB
+    on Linux and bytes on macOS). None for other devices."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    if device.type != "cpu":
+        return None
+    import resource  # POSIX only; imported here so that importing utils works everywhere
+
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak / 2**20 if sys.platform == "darwin" else peak / 2**10
+
+
 def micro_batch_size(batch_size, world_size, grad_accum):
     """The rows one rank sees per forward pass: the global batch split over ranks and
     gradient-accumulation micro-steps (config.py checks that it divides evenly)."""

@@ -33,7 +33,6 @@ import contextlib
 import copy
 import os
 import pickle
-import resource
 import statistics
 import subprocess
 import sys
@@ -118,11 +117,6 @@ def time_block(fn, steps, device):
 def fixed_batch(trainer):
     x0, y = next(copy.deepcopy(trainer.loader))
     return x0, (y if trainer.num_classes else None)
-
-
-def peak_rss_mib():
-    """Peak resident memory of this process so far (Linux reports KiB)."""
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 # ---------------------------------------------------------------------------------------------
@@ -318,7 +312,7 @@ def gpu_table(preset, batch, steps, overrides, device="cuda", variants=None):
         if cuda:
             torch.cuda.reset_peak_memory_stats(device)
         seconds = statistics.median(time_block(step, steps, device) for _ in range(3))
-        peak = torch.cuda.max_memory_allocated(device) / 2**30 if cuda else peak_rss_mib() / 1024
+        peak = utils.peak_memory_mib(device) / 1024  # GiB
         base = base or seconds
         rows.append(
             f"| {preset} {config.model.name}, {name} | {batch} | {seconds * 1e3:.1f} | "
@@ -507,7 +501,7 @@ def main_(args):
     print("\n| network | batch | bare ms / step | samples / s |\n| --- | --- | --- | --- |")
     for row in scaling_rows(args.steps_per_round):
         print(row, flush=True)
-    print(f"\npeak resident memory of this process: {peak_rss_mib():.0f} MiB")
+    print(f"\npeak resident memory of this process: {utils.peak_memory_mib('cpu'):.0f} MiB")
     print("\n| preset | processes | global batch | trainer ms / step | samples / s |")
     print("| --- | --- | --- | --- | --- |")
     for row in ddp_rows("digits", 64, args.steps_per_round):

@@ -273,3 +273,22 @@ def test_mix_seed_distinct_low_bits():
     low = {utils.mix_seed(s, i) & 0xFFFFFFFF for s in range(4) for i in range(1000)}
     assert len(low) == 4000
     assert utils.mix_seed(1, 2) == utils.mix_seed(1, 2) != utils.mix_seed(2, 1)
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/status"), reason="reads Linux's VmHWM")
+def test_peak_memory_mib_is_the_process_peak_rss():
+    """On the CPU, the peak resident memory: it agrees with Linux's own high-water mark (VmHWM
+    in /proc/self/status) and grows by at least the size of a large tensor written in full."""
+
+    def high_water_mark_mib():
+        for line in open("/proc/self/status"):
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024  # kB
+        raise AssertionError("no VmHWM line")
+
+    before = utils.peak_memory_mib("cpu")
+    big = torch.ones(int(before * 2**20 / 4) + 64 * 2**18)  # more than the peak so far + 64 MiB
+    after = utils.peak_memory_mib("cpu")
+    assert after - before >= 64 and after >= big.numel() * 4 / 2**20
+    assert after == pytest.approx(high_water_mark_mib(), abs=4.0)
+    assert utils.peak_memory_mib("meta") is None

@@ -172,6 +172,8 @@ def test_metrics_and_sample_grid(tmp_path):
     for r in records:
         assert {"loss", "grad_norm", "lr", "steps_per_sec", "samples_per_sec"} <= r.keys()
         assert np.isfinite(r["loss"]) and r["loss"] > 0
+    peaks = [r["peak_memory_mib"] for r in records]  # this process's peak RSS on the CPU
+    assert 0 < peaks[0] <= peaks[1] <= utils.peak_memory_mib("cpu")
     grid = Image.open(os.path.join(trainer.run_dir, "samples_0000004.png"))
     # 12 samples, 10 per row (one class per column), 8x8 upscaled 8x, 1 px padding
     assert grid.size == (10 * 68 + 4, 2 * 68 + 4)
