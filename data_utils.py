@@ -703,6 +703,9 @@ class InfiniteLoader:
         self._flips = flip_mask(len(self.dataset), self.seed, self.epoch) if self.flip else None
         self._worker_iter = None
         if self.num_workers > 0:
+            # Its own generator: iter() draws the workers' base seed from it, not from the
+            # global torch RNG that dropout uses, so workers leave the training stream alone.
+            generator = torch.Generator().manual_seed(utils.mix_seed(self.seed, self.epoch, 2))
             loader = DataLoader(
                 self.dataset,
                 batch_sampler=self._chunks[self.batch :],
@@ -710,6 +713,7 @@ class InfiniteLoader:
                 collate_fn=_as_batch,
                 persistent_workers=False,
                 pin_memory=self.device.type == "cuda",
+                generator=generator,
             )
             self._worker_iter = iter(loader)
 

@@ -617,7 +617,10 @@ def test_loader_points_ignore_flip_and_workers_match(digits):
     reference = InfiniteLoader(ds, 8, seed=5, flip=True)
     expected = take(reference, 8)
     workers = InfiniteLoader(ds, 8, seed=5, flip=True, num_workers=1)
-    first = take(workers, 2)
+    rng_before = torch.get_rng_state()
+    first = take(workers, 2)  # starts the DataLoader mid-run, as a resume does
+    # dropout's stream: a worker start must not draw from it (resume with workers is exact)
+    assert torch.equal(torch.get_rng_state(), rng_before)
     state = workers.state_dict()
     assert_same_batches(first + take(workers, 6), expected)
     resumed = InfiniteLoader(ds, 8, seed=5, flip=True, num_workers=1)

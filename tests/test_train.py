@@ -41,10 +41,16 @@ def assert_states_equal(a, b):
     assert a["step"] == b["step"] and a["loader"] == b["loader"]
 
 
-@pytest.mark.parametrize("preset", ["digits", "checkerboard"])
-def test_resume_is_bit_identical(tmp_path, preset):
-    """2N steps in one go == N steps, stop, resume for N more (dropout on, cosine LR)."""
+@pytest.mark.parametrize(
+    "preset, extra",
+    [("digits", {}), ("checkerboard", {}), ("digits", {"data__num_workers": 1})],
+    ids=["digits", "checkerboard", "digits-loader-worker"],
+)
+def test_resume_is_bit_identical(tmp_path, preset, extra):
+    """2N steps in one go == N steps, stop, resume for N more (dropout on, cosine LR); with a
+    loader worker, the resume starts its DataLoader mid-epoch."""
     kwargs = dict(
+        **extra,
         train__steps=6,
         train__save_every=3,
         model__dropout=0.2,
