@@ -145,9 +145,68 @@ def validate(state, path):
         raise CheckpointError(f"{path}: data_info lacks a shape, num_classes or kind")
     if not isinstance(state["ema"].get("model"), dict):
         raise CheckpointError(f"{path}: the EMA holds no weights (key 'model')")
-    for name, value in state["model"].items():
-        if torch.is_tensor(value) and value.is_floating_point() and not value.isfinite().all():
-            raise CheckpointError(f"{path}: weight {name!r} is not finite")
+    for where, weights in weight_sets(state):
+        if not isinstance(weights, dict):
+            raise CheckpointError(f"{path}: {where} is a {type(weights).__name__}, not weights")
+        for name, value in weights.items():
+            if torch.is_tensor(value) and value.is_floating_point() and not value.isfinite().all():
+                raise CheckpointError(f"{path}: {where} weight {name!r} is not finite")
+
+
+def weight_sets(state):
+    """[(where, state dict)]: the model's weights, the EMA's, and a power EMA's profiles."""
+    profiles = state["ema"].get("profiles") or []
+    if not isinstance(profiles, list):
+        profiles = [profiles]  # validate reports it as not weights
+    return [("model", state["model"]), ("EMA", state["ema"]["model"])] + [
+        (f"EMA profile {i}", p) for i, p in enumerate(profiles)
+    ]
+
+
+def is_count(value):
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
+def check_training_state(state, path, model_state, group_shapes):
+    """Raise CheckpointError unless the training state of a validated checkpoint fits a trainer
+    whose network has the state dict `model_state` and whose optimizer has parameter groups of
+    the shapes `group_shapes` (a list of lists of torch.Size): every weight set shape for shape,
+    the EMA's update count, the loader's position, one RNG state per rank and AdamW's moments.
+    A file that passes restores without error; one that does not is damaged (its config has
+    already been compared with the run's), so resume sets it aside like an unreadable one."""
+
+    def fail(why):
+        raise CheckpointError(f"{path}: {why}")
+
+    for where, weights in weight_sets(state):
+        wrong = sorted(set(model_state) ^ set(weights)) or [
+            k for k, v in model_state.items() if getattr(weights[k], "shape", None) != v.shape
+        ]
+        if wrong:
+            fail(f"{where} weights do not fit the network ({', '.join(wrong[:3])})")
+    if not is_count(state["step"]) or not is_count(state["ema"].get("num_updates")):
+        fail("the step or the EMA's update count is not a whole number >= 0")
+    loader = state["loader"]
+    if not (is_count(loader.get("epoch")) and is_count(loader.get("batch"))):
+        fail("the data loader's position (epoch, batch) is missing")
+    if state["world_size"] < 1 or len(state["rng"]) != state["world_size"]:
+        fail(f"{len(state['rng'])} RNG states for world size {state['world_size']}")
+    groups = state["optimizer"].get("param_groups")
+    moments = state["optimizer"].get("state")
+    if not isinstance(groups, list) or not isinstance(moments, dict):
+        fail("the optimizer state lacks param_groups or state")
+    sizes = [len(g.get("params", ())) if isinstance(g, dict) else -1 for g in groups]
+    if sizes != [len(shapes) for shapes in group_shapes]:
+        fail(
+            f"the optimizer holds parameter groups of sizes {sizes}, the network's are "
+            f"{[len(shapes) for shapes in group_shapes]}"
+        )
+    for index, shape in enumerate(s for shapes in group_shapes for s in shapes):
+        entry = moments.get(index, {})
+        if not isinstance(entry, dict) or any(
+            getattr(entry.get(k), "shape", shape) != shape for k in ("exp_avg", "exp_avg_sq")
+        ):
+            fail(f"the optimizer's moments of parameter {index} do not fit the network")
 
 
 def config_of(state):
@@ -155,13 +214,18 @@ def config_of(state):
     return json.loads(state["config"])
 
 
-def load_newest_good(run_dir, set_aside=True, warn=print, map_location="cpu"):
+def load_newest_good(run_dir, set_aside=True, warn=print, map_location="cpu", check=None):
     """(state, path) of the newest checkpoint in run_dir that loads and validates, or
     (None, None). A bad one is renamed to `<name>.corrupt` (set_aside) with a one-line warning,
-    never deleted; without set_aside it is only reported."""
+    never deleted; without set_aside it is only reported. `check(state, path)`, when given,
+    runs on each loaded state: a CheckpointError from it makes the file bad too; any other
+    error stops the search."""
     for _, path in reversed(list_checkpoints(run_dir)):
         try:
-            return load(path, map_location), path
+            state = load(path, map_location)
+            if check is not None:
+                check(state, path)
+            return state, path
         except CheckpointError as e:
             if set_aside:
                 aside = unused_name(path + ".corrupt")

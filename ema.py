@@ -74,6 +74,10 @@ class EMA:
         weight = (1.0 - self.current_decay()) * keep
         lerp_towards(self.model, model, weight, keep, self.pairs(self.model, model))
 
+    def averages(self):
+        """The averaged copies of the model this EMA keeps."""
+        return [self.model]
+
     def state_dict(self):
         return {"model": self.model.state_dict(), "num_updates": self.num_updates}
 
@@ -193,6 +197,10 @@ class PowerEMA:
         for profile, gamma in zip(self.profiles, self.gammas, strict=True):
             beta = (1 - 1 / t) ** (gamma + 1)
             lerp_towards(profile, model, (1.0 - beta) * keep, keep, self.pairs(profile, model))
+
+    def averages(self):
+        """The averaged copies of the model this EMA keeps: one per profile."""
+        return list(self.profiles)
 
     def state_dict(self):
         """The entry "model" (profile 0, for sampling) shares its tensors with "profiles"[0], so

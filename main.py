@@ -386,7 +386,9 @@ def build_trainer(config, dist_info):
     run_lock, state, path, refusal = None, None, None, None
     if dist_info.is_main:
         try:
-            run_lock, state, path = lock_and_find_checkpoint(run_dir, say)
+            run_lock, state, path = lock_and_find_checkpoint(
+                run_dir, say, resumable_check(config, net)
+            )
         except (ValueError, OSError) as e:
             refusal = e
     # Every rank resumes from rank 0's choice, or raises its error (none waits for rank 0 in a
@@ -406,7 +408,12 @@ def build_trainer(config, dist_info):
     )
     trainer.run_lock = run_lock
     if state is not None:
-        trainer.load(state, path)
+        try:
+            restore(trainer, state, path)
+        except ValueError:
+            if run_lock is not None:
+                run_lock.release()
+            raise
     elif init is not None:
         trainer.init_weights(init[0])
         say(f"initialised model and EMA weights from {init[1]} (train.init_from)")
@@ -431,21 +438,52 @@ def build_time_sampler(ts, process):
     )
 
 
-def lock_and_find_checkpoint(run_dir, say):
+def lock_and_find_checkpoint(run_dir, say, check=None):
     """(lock, state, path): lock the run directory, remove a dead run's half-written files and
-    load its newest good checkpoint (state and path None for a new run); rank 0 only."""
+    load its newest good checkpoint (state and path None for a new run), `check`ed as
+    checkpoints.load_newest_good does; rank 0 only. The lock is released when it raises."""
     run_lock = checkpoints.RunLock(run_dir).acquire()
-    stale = checkpoints.remove_stale_temporaries(run_dir)
-    if stale:
-        say(f"removed {len(stale)} half-written temporary file(s) of a dead run: {stale}")
-    state, path = checkpoints.load_newest_good(run_dir, set_aside=True, warn=say)
-    if state is None and had_corrupt_checkpoints(run_dir):
+    try:
+        stale = checkpoints.remove_stale_temporaries(run_dir)
+        if stale:
+            say(f"removed {len(stale)} half-written temporary file(s) of a dead run: {stale}")
+        state, path = checkpoints.load_newest_good(run_dir, set_aside=True, warn=say, check=check)
+        if state is None and had_corrupt_checkpoints(run_dir):
+            raise ValueError(
+                f"no checkpoint in {run_dir} could be loaded (all renamed to *.corrupt): move a "
+                f"good one back, or start a new run with --config.name=NEW"
+            )
+    except BaseException:
         run_lock.release()
-        raise ValueError(
-            f"no checkpoint in {run_dir} could be loaded (all renamed to *.corrupt): move a "
-            f"good one back, or start a new run with --config.name=NEW"
-        )
+        raise
     return run_lock, state, path
+
+
+def resumable_check(config, net):
+    """check(state, path) for resuming with `config` and the freshly built `net`: ValueError
+    (one line, the run stops) when the config may not resume the checkpoint (resume_line);
+    CheckpointError (the file is set aside) when its contents do not fit (shapes, counters,
+    loader position, RNG states, optimizer moments: checkpoints.check_training_state)."""
+    group_shapes = [[p.shape for p in g["params"]] for g in optimizers.param_groups(net, 0.0)]
+
+    def check(state, path):
+        resume_line(config, checkpoints.config_of(state), path, state["step"])
+        checkpoints.check_training_state(state, path, net.state_dict(), group_shapes)
+
+    return check
+
+
+def restore(trainer, state, path):
+    """trainer.load(state, path); a checkpoint that passed resumable_check and still fails to
+    restore gives one line naming it (never a traceback) instead of a half-restored run."""
+    try:
+        trainer.load(state, path)
+    except (KeyError, IndexError, TypeError, ValueError, RuntimeError) as e:
+        why = str(e).split("\n")[0][:200] or type(e).__name__
+        raise ValueError(
+            f"{path} could not be restored ({why}): move it out of the run directory to resume "
+            f"from an older checkpoint"
+        ) from None
 
 
 def had_corrupt_checkpoints(run_dir):

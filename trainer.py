@@ -465,8 +465,9 @@ class DiffusionTrainer:
         if not self.dist.is_main:
             utils.barrier()
             return path
-        if not all(torch.isfinite(p).all() for p in self.net.parameters()):
-            raise TrainingDiverged(f"non-finite weights at step {self.step}: not saving")
+        for module in (self.net, *self.ema.averages()):
+            if not all(torch.isfinite(p).all() for p in module.parameters()):
+                raise TrainingDiverged(f"non-finite weights at step {self.step}: not saving")
         healthy = not self.diverged and self.bad_run.item() == 0
         checkpoints.save(self.state_dict(rng_states, healthy, window_sums), path)
         if healthy:

@@ -1,13 +1,17 @@
-"""Compare every tensor of the newest checkpoints of two run directories (or two files).
+"""Compare the newest checkpoints of two run directories (or two files): every tensor and value.
 
     python benchmarks/compare_checkpoints.py RUN_A RUN_B
 
 RUN_A and RUN_B are each a checkpoint file or a run directory, whose checkpoint of the highest
 step is taken. Prints the largest absolute difference and exits 0 only when every tensor
-(weights, EMA, optimizer state, RNG states) is bit-identical and both hold the same step; a
-missing or unreadable checkpoint is one `error:` line (exit status 1).
+(weights, EMA, optimizer state, RNG states) is bit-identical and every other value (step, data
+loader position, EMA update count, log-window sums, loss history, config, ...) is equal, except
+those two runs may differ in without training differently (NOT_COMPARED: the run's name and
+folder, its logger id, and the speed and memory figures of its last log line); a missing or
+unreadable checkpoint is one `error:` line (exit status 1).
 """
 
+import json
 import os
 import sys
 
@@ -42,41 +46,59 @@ def load(path, name):
         cli.fail(f"{name}: {e}")
 
 
-def tensors(obj, prefix=""):
-    """{dotted path: tensor} of every tensor inside nested dicts / lists."""
-    if isinstance(obj, torch.Tensor):
+NOT_COMPARED = {  # may differ between two runs that trained identically
+    "run_id",
+    "config.name",
+    "config.workdir",
+    "metrics.steps_per_sec",
+    "metrics.samples_per_sec",
+    "metrics.peak_memory_mib",
+}
+
+
+def leaves(obj, prefix=""):
+    """{dotted path: tensor or plain value} of everything inside nested dicts / lists; the
+    JSON config string is opened into its fields."""
+    if prefix == "config" and isinstance(obj, str):
+        obj = json.loads(obj)
+    if isinstance(obj, dict):
+        items = obj.items()
+    elif isinstance(obj, (list, tuple)):
+        items = enumerate(obj)
+    else:
         return {prefix: obj}
-    items = (
-        obj.items()
-        if isinstance(obj, dict)
-        else enumerate(obj)
-        if isinstance(obj, (list, tuple))
-        else ()
-    )
     out = {}
     for key, value in items:
-        out.update(tensors(value, f"{prefix}.{key}" if prefix else str(key)))
+        out.update(leaves(value, f"{prefix}.{key}" if prefix else str(key)))
     return out
 
 
 def compare(a, b):
-    ta, tb = tensors(a), tensors(b)
-    if ta.keys() != tb.keys():
-        sys.exit(f"different tensors: {sorted(ta.keys() ^ tb.keys())[:5]}")
+    la, lb = ({k: v for k, v in leaves(s).items() if k not in NOT_COMPARED} for s in (a, b))
+    if la.keys() != lb.keys():
+        sys.exit(f"different contents: {sorted(la.keys() ^ lb.keys())[:5]}")
+    ta = {k: v for k, v in la.items() if isinstance(v, torch.Tensor)}
+    values = [k for k in la if k not in ta]
     worst, name = 0.0, None
-    for key in ta:
-        if ta[key].shape != tb[key].shape or ta[key].dtype != tb[key].dtype:
+    for key, tensor in ta.items():
+        other = lb[key]
+        if not isinstance(other, torch.Tensor):
+            sys.exit(f"{key}: a tensor in RUN_A, a {type(other).__name__} in RUN_B")
+        if tensor.shape != other.shape or tensor.dtype != other.dtype:
             sys.exit(f"{key}: shape/dtype differ")
-        if not torch.equal(ta[key], tb[key]):
-            diff = (ta[key].double() - tb[key].double()).abs().max().item()
+        if not torch.equal(tensor, other):
+            diff = (tensor.double() - other.double()).abs().max().item()
             if diff >= worst:
                 worst, name = diff, key
-    step_a, step_b = a.get("step"), b.get("step")
+    unequal = [k for k in values if la[k] != lb[k]]
     print(
-        f"{len(ta)} tensors compared; steps {step_a} / {step_b}; largest difference {worst:g}"
+        f"{len(ta)} tensors and {len(values)} values compared; steps {a.get('step')} / "
+        f"{b.get('step')}; largest difference {worst:g}"
         + (f" ({name})" if name else "")
+        + "".join(f"\n{k}: {la[k]!r} / {lb[k]!r}" for k in unequal[:10])
+        + (f"\n... {len(unequal) - 10} more values differ" if len(unequal) > 10 else "")
     )
-    sys.exit(0 if name is None and step_a == step_b else 1)
+    sys.exit(0 if name is None and not unequal else 1)
 
 
 def main(argv=None):

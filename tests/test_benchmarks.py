@@ -1,6 +1,7 @@
 """The benchmark scripts' code paths that a GPU session relies on, run small on the CPU, so that
 a lent GPU's time is not lost to a crash in them."""
 
+import json
 import os
 import re
 import sys
@@ -432,7 +433,45 @@ def test_compare_checkpoints_takes_the_newest_by_step_and_compares_every_tensor(
         with pytest.raises(SystemExit) as info:
             compare.main(argv)
         assert info.value.code == code
-        assert capsys.readouterr().out.startswith(f"2 tensors compared; {line}")
+        assert capsys.readouterr().out.startswith(f"2 tensors and 6 values compared; {line}")
+
+
+def test_compare_checkpoints_compares_every_value_not_only_tensors(tmp_path, capsys):
+    """Two checkpoints with equal tensors differ when the loader position, the EMA's update
+    count or the config differ (a resume that skipped data would pass a tensor-only check);
+    the logger id, the run's name and the speed of its last log line may differ."""
+    compare = script("compare_checkpoints")
+    base = torch.load(fake_checkpoint(tmp_path / "a.pt", 4, 1.0), weights_only=True)
+    base.update(loader={"epoch": 0, "batch": 4}, config=json.dumps({"name": "a", "seed": 0}))
+    base["ema"]["num_updates"] = 4
+    base["metrics"] = {"loss": 0.5, "steps_per_sec": 10.0}
+    torch.save(base, tmp_path / "a.pt")
+    same = {  # name: changes that train the same
+        "run_id": lambda s: s.update(run_id="other"),
+        "name": lambda s: s.update(config=json.dumps({"name": "b", "seed": 0})),
+        "speed": lambda s: s["metrics"].update(steps_per_sec=99.0),
+    }
+    different = {  # name: (change, the line that reports it)
+        "loader": (lambda s: s["loader"].update(batch=5), "loader.batch: 4 / 5"),
+        "EMA count": (lambda s: s["ema"].update(num_updates=9), "ema.num_updates: 4 / 9"),
+        "config": (
+            lambda s: s.update(config=json.dumps({"name": "a", "seed": 1})),
+            "config.seed: 0 / 1",
+        ),
+        "loss": (lambda s: s["metrics"].update(loss=0.25), "metrics.loss: 0.5 / 0.25"),
+    }
+    cases = [(change, 0, None) for change in same.values()]
+    cases += [(change, 1, line) for change, line in different.values()]
+    for change, code, line in cases:
+        state = torch.load(tmp_path / "a.pt", weights_only=True)
+        change(state)
+        torch.save(state, tmp_path / "b.pt")
+        with pytest.raises(SystemExit) as info:
+            compare.main([str(tmp_path / "a.pt"), str(tmp_path / "b.pt")])
+        out = capsys.readouterr().out
+        assert info.value.code == code, out
+        assert "largest difference 0" in out
+        assert (line in out.splitlines()) if line else len(out.splitlines()) == 1, out
 
 
 def test_compare_checkpoints_help_exits_0_and_a_mistake_is_one_line(tmp_path):

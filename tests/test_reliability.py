@@ -561,6 +561,88 @@ def test_corrupt_newest_checkpoint_is_set_aside(tmp_path, four_steps, kind, reas
     resumed.run_lock.release()
 
 
+def first_tensor(weights):
+    return next(v for v in weights.values() if torch.is_tensor(v) and v.is_floating_point())
+
+
+DAMAGED_STATES = {  # kind: (damage to a loaded state, the reason in the warning)
+    "nan EMA weights": (
+        lambda s: first_tensor(s["ema"]["model"]).fill_(math.nan),
+        "EMA weight '{}' is not finite",
+    ),
+    "a reshaped weight": (
+        lambda s: s["model"].update({k: v[:1] for k, v in list(s["model"].items())[:1]}),
+        "model weights do not fit the network",
+    ),
+    "no EMA update count": (
+        lambda s: s["ema"].pop("num_updates"),
+        "the step or the EMA's update count is not a whole number >= 0",
+    ),
+    "no loader position": (
+        lambda s: s["loader"].pop("epoch"),
+        "the data loader's position (epoch, batch) is missing",
+    ),
+    "no RNG state": (lambda s: s["rng"].clear(), "0 RNG states for world size 1"),
+    "wrong optimizer moments": (
+        lambda s: s["optimizer"]["state"][0].update(exp_avg=torch.zeros(3)),
+        "the optimizer's moments of parameter 0 do not fit the network",
+    ),
+    "a missing parameter group": (
+        lambda s: s["optimizer"]["param_groups"].pop(),
+        "the optimizer holds parameter groups of sizes",
+    ),
+}
+
+
+@pytest.mark.parametrize("kind", list(DAMAGED_STATES))
+def test_a_newest_checkpoint_that_loads_but_does_not_fit_is_set_aside(tmp_path, four_steps, kind):
+    """A file that torch loads and whose config matches, but whose contents cannot restore
+    this run (an edited, mixed or bit-damaged file), is set aside like an unreadable one and the
+    run resumes from the older checkpoint, instead of a traceback from load_state_dict. No
+    checkpoint with a non-finite EMA is ever resumed from."""
+    damage, reason = DAMAGED_STATES[kind]
+    run_dir = tmp_path / "runs" / "digits"
+    run_dir.mkdir(parents=True)
+    for name in ("ckpt_0000002.pt", "ckpt_0000004.pt"):
+        shutil.copy(four_steps / name, run_dir / name)
+    state = load(run_dir / "ckpt_0000004.pt")
+    damage(state)
+    torch.save(state, run_dir / "ckpt_0000004.pt")
+    reason = reason.format(
+        next(k for k, v in state["ema"]["model"].items() if v.is_floating_point())
+    )
+    messages = []
+    with mock.patch("builtins.print", messages.append):
+        resumed = main.build_trainer(
+            tiny_config("digits", tmp_path / "runs", train__steps=4), SINGLE
+        )
+    resumed.run_lock.release()
+    assert resumed.step == 2
+    warning = next(m for m in messages if str(m).startswith("warning:"))
+    assert reason in warning and "renamed to ckpt_0000004.pt.corrupt" in warning, warning
+    assert {"ckpt_0000002.pt", "ckpt_0000004.pt.corrupt"} <= set(os.listdir(run_dir))
+    assert not any(name.startswith("ckpt_0000004.pt.corrupt.") for name in os.listdir(run_dir))
+
+
+def test_a_checkpoint_that_fails_to_restore_is_one_line(tmp_path, four_steps, monkeypatch):
+    """Whatever still slips past the checks stops with one line naming the file."""
+    run_dir = tmp_path / "runs" / "digits"
+    run_dir.mkdir(parents=True)
+    shutil.copy(four_steps / "ckpt_0000004.pt", run_dir / "ckpt_0000004.pt")
+
+    def broken_load(self, state, path=None):
+        raise KeyError("epoch")
+
+    monkeypatch.setattr(DiffusionTrainer, "load", broken_load)
+    with pytest.raises(ValueError) as info:
+        main.build_trainer(tiny_config("digits", tmp_path / "runs", train__steps=4), SINGLE)
+    assert str(info.value) == (
+        f"{run_dir / 'ckpt_0000004.pt'} could not be restored ('epoch'): move it out of the run "
+        f"directory to resume from an older checkpoint"
+    )
+    checkpoints.RunLock(str(run_dir)).acquire().release()  # no lock left behind
+
+
 def test_no_loadable_checkpoint_stops_instead_of_restarting(tmp_path):
     trainer = main.train(tiny_config("digits", tmp_path, train__steps=2), {}, SINGLE)
     corrupt(os.path.join(trainer.run_dir, "ckpt_0000002.pt"), "garbage")

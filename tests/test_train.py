@@ -164,6 +164,11 @@ def test_checkpoint_contents_pruning_and_nan_refusal(tmp_path):
     trainer.step = 7
     with pytest.raises(TrainingDiverged, match="non-finite weights at step 7"):
         trainer.save()
+    with torch.no_grad():  # finite weights, a non-finite EMA: refused too
+        next(trainer.net.parameters())[0] = 0.0
+        next(trainer.ema.model.parameters())[0] = float("inf")
+    with pytest.raises(TrainingDiverged, match="non-finite weights at step 7"):
+        trainer.save()
     assert not os.path.exists(os.path.join(trainer.run_dir, "ckpt_0000007.pt"))
     assert open(os.path.join(trainer.run_dir, "ckpt_0000006.pt"), "rb").read() == before
 
