@@ -333,12 +333,15 @@ def _per_sample_rms(v):
 
 
 def _dopri5_initial_step(f, x, t, k1, direction, rtol, atol, span):
-    """Per-sample first step size (Hairer, Norsett & Wanner, II.4): h0 = 0.01 |x| / |f|, then
-    h1 = (0.01 / max(|f|, |f'|))^(1/5) from one Euler probe; h = min(100 h0, h1, span)."""
+    """Per-sample first step size (Hairer, Norsett & Wanner, II.4): h0 = min(0.01 |x| / |f|,
+    span), then h1 = (0.01 / max(|f|, |f'|))^(1/5) from one Euler probe at t + h0; h = min(100
+    h0, h1, span). Capping h0 by the span keeps the probe inside the integration range: where
+    the field is small (a VP process near t = 1), 0.01 |x| / |f| can be tens of time units, and
+    a probe at t = -30 meets alpha = 0 and a NaN."""
     scale = atol + rtol * x.abs()
     d0, d1 = _per_sample_rms(x / scale), _per_sample_rms(k1 / scale)
     h0 = torch.where((d0 < 1e-5) | (d1 < 1e-5), torch.full_like(d0, 1e-6), 0.01 * d0 / d1)
-    h0 = h0.to(torch.float64)
+    h0 = h0.to(torch.float64).clamp(max=span)
     probe = f(x + bcast(direction * h0, x) * k1, t + direction * h0)
     d2 = (_per_sample_rms((probe - k1) / scale) / h0).to(torch.float64)
     biggest = torch.maximum(d1.to(torch.float64), d2)

@@ -283,6 +283,36 @@ def test_dopri5_samples_do_not_depend_on_the_batch():
         assert (other - outs[0]).abs().max().item() < 1e-12
 
 
+@pytest.mark.parametrize(
+    "name,kind,t_max,t_min",
+    [("vp_linear", "eps", 1.0, 1e-3), ("vp_cosine", "eps", 0.999, 1e-3), ("trig", "eps", 0.999, 0)],
+)
+def test_dopri5_evaluates_the_net_only_inside_its_time_range(name, kind, t_max, t_min):
+    """Near t = 1 a VP field is tiny, so the first-step heuristic's 0.01 |x| / |f| is tens of
+    time units: its probe must still stay inside [t_min, t_max]. Before, in float32, the probe
+    of vp_linear went to t = -30, where alpha = 0, and the solve ended in NaN after 600k network
+    calls. The exact field of N(0, 0.5^2) data; the result against the exact flow."""
+    process = build_process(name)
+    zeros = torch.zeros(2, dtype=torch.float32)
+    oracle = GaussianOracle(process, kind, mean=zeros, std=zeros + 0.5)
+
+    def net(x, t, y=None):
+        times = t.double()  # the net sees float32 times: 0.999 is 0.99900001
+        assert t_min - 1e-6 <= times.min() and times.max() <= t_max + 1e-6, t  # before any NaN
+        return oracle(x, t, y)
+
+    x1 = torch.randn(64, 2, generator=torch.Generator().manual_seed(0), dtype=torch.float32)
+    kwargs = dict(solver="dopri5", steps=4, t_max=t_max, t_min=t_min, data_std=0.5)
+    x, nfe = sampling.sample(net, process, kind, x1, **kwargs)
+    c1, c0 = (prediction.coefs_at(process, torch.tensor(t), x1) for t in (t_max, t_min))
+    z = (
+        sampling.initial_state(process, x1, t_max, 0.0, 0.5)
+        / (c1.alpha**2 / 4 + c1.sigma**2).sqrt()
+    )
+    exact = (c0.alpha**2 / 4 + c0.sigma**2).sqrt() * z
+    assert (x - exact).abs().max().item() < 1e-3 and nfe < 500, nfe
+
+
 def test_sampler_start_is_the_marginal_at_t_max():
     """vp_linear has alpha(1) = 0.0066: x_1 = alpha x0 + sigma x1 is N(alpha m, alpha^2 s^2 +
     sigma^2), not N(0, sigma^2). Started there, the exact flow maps x1 to m + s x1."""
