@@ -155,6 +155,10 @@ def base_config():
     c.eval.nll_num = 256  # data points whose likelihood is computed (0 skips the NLL)
     c.eval.nll_solver = "rk4"  # any ODE solver
     c.eval.nll_steps = 32
+    # the likelihood ODE's time range; unset: sample.t_min / t_max, moved to the process's
+    # default_t_min / t_max where its velocity is singular (EDM samples down to sigma = 0)
+    c.eval.nll_t_min = config_dict.placeholder(float)
+    c.eval.nll_t_max = config_dict.placeholder(float)
     c.eval.divergence = "auto"  # exact | hutchinson | auto (exact up to 16 dimensions)
     c.eval.num_probes = 1  # Hutchinson probes per sample
     c.eval.seed = 0
@@ -244,6 +248,7 @@ def digits_consistency():
     c.train.consistency_s1 = 160
     c.model.class_dropout = 0.0
     c.sample.solver, c.sample.steps = "few_step", 1
+    c.eval.nll_num = 0  # a consistency model has no probability-flow velocity: no likelihood
     return c
 
 
@@ -370,6 +375,7 @@ def cifar10_consistency():
     c.train.batch_size, c.train.lr, c.train.steps, c.train.grad_clip = 1024, 1e-4, 400_000, 0.0
     c.train.warmup_steps, c.train.ema_decay = 0, 0.99993
     c.sample.solver, c.sample.steps = "few_step", 1
+    c.eval.nll_num = 0  # no probability-flow velocity: no likelihood
     return c
 
 
@@ -645,6 +651,8 @@ VALUE_RULES = {
     "sample.seed": SEED,
     "sample.t_min": TIME,
     "sample.t_max": TIME,
+    "eval.nll_t_min": TIME,
+    "eval.nll_t_max": TIME,
     "eval.nll_num": (  # a standard error needs two points
         lambda v: _is_int(v) and (v == 0 or 2 <= v <= MAX_SAMPLES),
         "0 (no likelihood) or an integer in [2, 10**8]",
@@ -740,10 +748,17 @@ def _dit_patches(c, world_size):
 
 
 def _time_ranges(c, world_size):
-    for section in ("time_sampler", "sample"):
-        lo, hi = c[section].t_min, c[section].t_max
+    for section, lo_key, hi_key in (
+        ("time_sampler", "t_min", "t_max"),
+        ("sample", "t_min", "t_max"),
+        ("eval", "nll_t_min", "nll_t_max"),
+    ):
+        lo, hi = c[section][lo_key], c[section][hi_key]
         if lo is not None and hi is not None and not 0.0 <= lo < hi <= 1.0:
-            return f"{section}.t_min={lo}, {section}.t_max={hi}: need 0 <= t_min < t_max <= 1"
+            return (
+                f"{section}.{lo_key}={lo}, {section}.{hi_key}={hi}: need 0 <= {lo_key} < {hi_key} "
+                f"<= 1"
+            )
     return None
 
 

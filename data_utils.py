@@ -509,13 +509,13 @@ def _download_mnist_file(path: Path) -> None:
     raise error
 
 
-def _ensure_mnist(root: str, path: str | None = None) -> None:
-    missing = _mnist_missing(root)
+def _ensure_mnist(root: str, path: str | None = None, splits=(True, False)) -> None:
+    missing = _mnist_missing(root, splits)
     try:
         for p in missing:
             _download_mnist_file(p)
     except OSError as err:
-        raise FileNotFoundError(_mnist_message(_mnist_missing(root))) from err
+        raise FileNotFoundError(_mnist_message(_mnist_missing(root, splits))) from err
 
 
 def _cifar_missing(root: str, splits: tuple[bool, ...] = (True, False)) -> list[Path]:
@@ -544,19 +544,19 @@ def safe_extract(archive: Path, dest: Path) -> None:
         tar.extractall(dest, members=members, filter="data")
 
 
-def _ensure_cifar10(root: str, path: str | None = None) -> None:
-    if not _cifar_missing(root):
+def _ensure_cifar10(root: str, path: str | None = None, splits=(True, False)) -> None:
+    if not _cifar_missing(root, splits):
         return
     archive = Path(root) / Path(CIFAR10_URL).name
     try:
         _download(CIFAR10_URL, archive)
         safe_extract(archive, Path(root))
     except (OSError, tarfile.TarError, EOFError, ValueError) as err:
-        raise FileNotFoundError(_cifar_message(_cifar_missing(root), root)) from err
+        raise FileNotFoundError(_cifar_message(_cifar_missing(root, splits), root)) from err
     finally:
         archive.unlink(missing_ok=True)
-    if _cifar_missing(root):
-        raise FileNotFoundError(_cifar_message(_cifar_missing(root), root))
+    if _cifar_missing(root, splits):
+        raise FileNotFoundError(_cifar_message(_cifar_missing(root, splits), root))
 
 
 def _check_image_folder(path: str | None) -> None:
@@ -604,28 +604,28 @@ def image_folder_warnings(path: str) -> list[str]:
     return messages
 
 
-def _ensure_imagefolder(root: str, path: str | None = None) -> None:
+def _ensure_imagefolder(root: str, path: str | None = None, splits=(True, False)) -> None:
     _check_image_folder(path)
     for message in image_folder_warnings(path):
         _warn_once(message)
 
 
-def _nothing_to_do(root: str, path: str | None = None) -> None:
+def _nothing_to_do(root: str, path: str | None = None, splits=(True, False)) -> None:
     return None
 
 
 _ENSURE = {"mnist": _ensure_mnist, "cifar10": _ensure_cifar10, "imagefolder": _ensure_imagefolder}
 
 
-def ensure_available(name: str, root: str, path: str | None = None) -> None:
-    """Make sure dataset `name` can be built (call on rank 0 before building). MNIST and
-    CIFAR-10 are downloaded into `root` when missing; when that fails, FileNotFoundError says
-    which files to put where. imagefolder: `path` must be a directory holding images
-    (FileNotFoundError if not a directory, ValueError if it has no images); ignored images and
-    empty class folders get a one-line warning on stderr (image_folder_warnings). Others:
-    nothing."""
+def ensure_available(name: str, root: str, path: str | None = None, splits=(True, False)) -> None:
+    """Make sure dataset `name` can be built for `splits` (True: train, False: test; call on
+    rank 0 before building). MNIST and CIFAR-10 are downloaded into `root` when files of those
+    splits are missing; when that fails, FileNotFoundError says which files to put where.
+    imagefolder: `path` must be a directory holding images (FileNotFoundError if not a
+    directory, ValueError if it has no images); ignored images and empty class folders get a
+    one-line warning on stderr (image_folder_warnings). Others: nothing."""
     _check_name(name)
-    _ENSURE.get(name, _nothing_to_do)(root, path)
+    _ENSURE.get(name, _nothing_to_do)(root, path, tuple(splits))
 
 
 # --------------------------------------------------------------------------------------------

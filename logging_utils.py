@@ -239,8 +239,24 @@ def save_image_grid(images, path, nrow=None, upscale=1, padding=1):
     return path
 
 
+def finite_points(points):
+    """The rows of a (N, 2) array whose coordinates are both finite (a diverged sampler's NaN or
+    inf points cannot be drawn)."""
+    points = np.asarray(points)
+    return points[np.isfinite(points).all(axis=1)]
+
+
+def plot_limit(points, margin):
+    """Half-width of a square plot holding 99.5 % of the finite `points` (1 when none is)."""
+    points = finite_points(points)
+    if len(points) == 0:
+        return 1.0
+    return float(np.percentile(np.abs(points), 99.5)) * margin + 1e-6
+
+
 def save_scatter(points, path, reference=None, title=None, limit=None):
-    """Scatter plot of 2-D points (N, 2), optionally over reference data points, as a PNG."""
+    """Scatter plot of the finite rows of 2-D points (N, 2), optionally over reference data
+    points, as a PNG."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -249,9 +265,10 @@ def save_scatter(points, path, reference=None, title=None, limit=None):
     fig, ax = plt.subplots(figsize=(5, 5), dpi=100)
     if reference is not None:
         ax.scatter(reference[:, 0], reference[:, 1], s=1, alpha=0.3, c="tab:gray", label="data")
-    ax.scatter(points[:, 0], points[:, 1], s=1, alpha=0.5, c="tab:blue", label="samples")
+    shown = finite_points(points)
+    ax.scatter(shown[:, 0], shown[:, 1], s=1, alpha=0.5, c="tab:blue", label="samples")
     if limit is None:
-        limit = float(np.percentile(np.abs(points), 99.5)) * 1.1 + 1e-6
+        limit = plot_limit(points, 1.1)
     ax.set_xlim(-limit, limit)
     ax.set_ylim(-limit, limit)
     ax.set_aspect("equal")
@@ -267,16 +284,18 @@ def save_scatter(points, path, reference=None, title=None, limit=None):
 
 
 def save_scatter_snapshots(snapshots, path, limit=None):
-    """A row of scatter plots of 2-D points, one per (t, points (N, 2)) snapshot, as a PNG."""
+    """A row of scatter plots of 2-D points, one per (t, points (N, 2)) snapshot, as a PNG
+    (finite rows only)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     if limit is None:
-        limit = float(np.percentile(np.abs(snapshots[-1][1]), 99.5)) * 1.2 + 1e-6
+        limit = plot_limit(snapshots[-1][1], 1.2)
     fig, axes = plt.subplots(1, len(snapshots), figsize=(2.5 * len(snapshots), 2.7), dpi=100)
     for ax, (t, points) in zip(np.atleast_1d(axes), snapshots, strict=True):
+        points = finite_points(points)
         ax.scatter(points[:, 0], points[:, 1], s=1, alpha=0.5, c="tab:blue")
         ax.set_xlim(-limit, limit)
         ax.set_ylim(-limit, limit)

@@ -243,10 +243,12 @@ def check_objective(config, process, world_size=1):
             f"sample.solver=few_step for meanflow / consistency models, an ODE / SDE solver "
             f"for flow models"
         )
-    if c.objective != "flow" and (p.preconditioning, p.loss_weight) != ("none", "none"):
+    own = (p.preconditioning, p.loss_weight, p.model_output, p.target)
+    if c.objective != "flow" and own != ("none", "none", "velocity", "velocity"):
         raise ValueError(
             f"train.objective={c.objective} sets its own parametrisation and weighting: set "
-            f"prediction.preconditioning=none and prediction.loss_weight=none"
+            f"prediction.preconditioning=none, prediction.loss_weight=none, "
+            f"prediction.model_output=velocity and prediction.target=velocity"
         )
     if few_step and s.guidance_scale != 1.0:
         raise ValueError(
@@ -321,6 +323,37 @@ def resolve_time_ranges(config, process):
     message = sampling.check_sampling_range(t_min=s.t_min, t_max=s.t_max, steps=s.steps, **sampler)
     if message:
         raise ValueError(message)
+    if config.eval.nll_num:
+        resolve_likelihood_range(config.eval, s, process, sampler)
+
+
+def resolve_likelihood_range(e, s, process, sampler):
+    """Fill unset eval.nll_t_min / nll_t_max with the sampler's range, moved to the process's
+    default_t_min / default_t_max at an end where the likelihood's ODE (its velocity, on the
+    uniform grid of eval.nll_steps) is singular: EDM samples down to sigma = 0, where the
+    velocity of an x0 output is 0 / 0. Then check its whole grid."""
+    field = {**sampler, "solver": e.nll_solver, "grid": "uniform", "need_x0": False}
+
+    def singular(times):
+        return sampling.singular_sampling_times(times=list(times), **field)
+
+    with e.unlocked():
+        if e.nll_t_min is None:
+            e.nll_t_min = process.default_t_min if singular([s.t_min]) else s.t_min
+        if e.nll_t_max is None:
+            e.nll_t_max = process.default_t_max if singular([s.t_max]) else s.t_max
+    if not e.nll_t_min < e.nll_t_max:
+        raise ValueError(
+            f"eval.nll_t_min={e.nll_t_min:g}, eval.nll_t_max={e.nll_t_max:g}: need "
+            f"nll_t_min < nll_t_max"
+        )
+    bad = singular(torch.linspace(e.nll_t_min, e.nll_t_max, e.nll_steps + 1).tolist())
+    if bad:
+        raise ValueError(
+            f"the likelihood's ODE ({sampler['model_output']} outputs of process "
+            f"{process.name!r}) is singular at t={bad[0]:g} (eval.nll_t_min={e.nll_t_min:g}, "
+            f"eval.nll_t_max={e.nll_t_max:g}): move them inside (0, 1), or set eval.nll_num=0"
+        )
 
 
 def check_config(config, world_size, evaluating=None):
@@ -335,6 +368,15 @@ def check_config(config, world_size, evaluating=None):
         evaluation.check_feature_extractor(
             config.eval.feature_extractor, config.data.name, config.sample.num
         )
+        if (
+            config.eval.nll_num
+            and not objectives.OBJECTIVES[config.train.objective].defines_velocity
+        ):
+            raise ValueError(
+                f"eval.nll_num={config.eval.nll_num}: a train.objective={config.train.objective} "
+                f"model defines no probability-flow velocity, hence no likelihood: set "
+                f"eval.nll_num=0"
+            )
     resolve_time_ranges(config, process)
     return process
 
@@ -343,7 +385,7 @@ def build_dataset(config, dist_info, train=True):
     """The training split, or the test split (generated 2-D sets: enough points for the NLL)."""
     d = config.data
     if dist_info.is_main:
-        data_utils.ensure_available(d.name, d.root, d.path or None)
+        data_utils.ensure_available(d.name, d.root, d.path or None, splits=(train,))
     utils.barrier()
     num_points = d.num_points if train else max(d.num_points // 10, config.eval.nll_num)
     return data_utils.build_dataset(
@@ -421,6 +463,12 @@ def build_trainer(config, dist_info):
         os.makedirs(run_dir, exist_ok=True)
         utils.atomic_write_json(config.to_dict(), os.path.join(run_dir, "config.json"))
         truncate_metrics(run_dir, trainer.step)
+        abandoned = ema.set_aside_snapshots_after(run_dir, trainer.step)
+        if abandoned:
+            say(
+                f"set aside {len(abandoned)} EMA snapshot(s) written after step {trainer.step} "
+                f"by a run that stopped before its next checkpoint (renamed *.abandoned)"
+            )
     return trainer
 
 
@@ -628,9 +676,12 @@ def checkpoint_config(state, overrides):
                 f"{', '.join(DATA_LOCATION_KEYS)} overrides apply to a checkpoint"
             )
     config_lib.set_values(config, overrides)
-    for key in ("t_min", "t_max"):
-        if f"sample.{key}" not in overrides:
-            config.sample[key] = None
+    for section, key in (("sample", "t_min"), ("sample", "t_max")) + (
+        ("eval", "nll_t_min"),
+        ("eval", "nll_t_max"),
+    ):
+        if f"{section}.{key}" not in overrides:
+            config[section][key] = None
     return config
 
 

@@ -9,7 +9,10 @@ conditional velocity v_t = alpha_dot x0 + sigma_dot x1. An objective is selected
   - draw(n, generator, device, t) -> the extra per-sample randomness of the global batch
     (a (n,) tensor, split across ranks and micro-batches like t), or None;
   - loss(model, process, x0, x1, t, extra, y, step, total_steps) -> the scalar loss, mean over
-    the micro-batch, where `model` is what the trainer calls (DDP-wrapped and/or compiled).
+    the micro-batch, where `model` is what the trainer calls (DDP-wrapped and/or compiled);
+  - defines_velocity, velocity_net(net) -> the net as the likelihood's probability-flow ODE
+    reads it, net(x, t, y) giving the configured model output (None where the objective
+    defines no such velocity).
 
 `flow` is today's regression (trainer.DiffusionTrainer.loss); its entry only describes it.
 
@@ -80,6 +83,7 @@ class FlowMatching:
 
     name = "flow"
     needs_time_inputs = 1
+    defines_velocity = True  # a probability-flow velocity, hence a likelihood
 
     def processes_allowed(self, process, base="gaussian"):
         return None
@@ -89,6 +93,10 @@ class FlowMatching:
 
     def draw(self, n, generator, device, t):
         return None
+
+    def velocity_net(self, net):
+        """The net as the likelihood's ODE reads it, net(x, t, y): itself."""
+        return net
 
 
 # ---------------------------------------------------------------------------------------------
@@ -124,6 +132,7 @@ class MeanFlow:
 
     name = "meanflow"
     needs_time_inputs = 2
+    defines_velocity = True
 
     def __init__(
         self,
@@ -145,6 +154,11 @@ class MeanFlow:
     def processes_allowed(self, process, base="gaussian"):
         """Any deterministic interpolant and any base: the identity holds for every flow."""
         return deterministic_only(self.name, process)
+
+    def velocity_net(self, net):
+        """The instantaneous velocity v(z_t, t) = u(z_t, t, t) (the interval of length 0) as a
+        net(x, t, y) with the times scaled as in training: what the likelihood's ODE reads."""
+        return InstantaneousVelocity(net, self.time_scale)
 
     def draw(self, n, generator, device, t):
         """The second time of every sample; the loss pairs it with t on the interval rows."""
@@ -287,6 +301,19 @@ def pseudo_huber(a, b):
     return torch.sqrt(diff_sq + c**2) - c
 
 
+class InstantaneousVelocity(torch.nn.Module):
+    """A MeanFlow net u(x, t, y, r) seen as net(x, t, y) -> u(x, t, t) with the times multiplied
+    by `time_scale` (MeanFlow.velocity_net)."""
+
+    def __init__(self, net, time_scale):
+        super().__init__()
+        self.net, self.time_scale = net, time_scale
+
+    def forward(self, x, t, y=None):
+        t = t * self.time_scale
+        return self.net(x, t, y, t)
+
+
 class Consistency:
     """Consistency training from scratch (iCT, Song & Dhariwal 2023; ECT, Geng et al. 2024).
 
@@ -300,6 +327,7 @@ class Consistency:
 
     name = "consistency"
     needs_time_inputs = 1
+    defines_velocity = False
 
     def __init__(
         self, s_min=0.002, s_max=80.0, sigma_data=0.5, p_mean=-1.1, p_std=2.0, s0=10, s1=1280
@@ -327,6 +355,11 @@ class Consistency:
         return None
 
     def batch_allowed(self, micro_batch):
+        return None
+
+    def velocity_net(self, net):
+        """None: a consistency function maps x_t to the start of its ODE trajectory, which is
+        not E[x0 | x_t], so it defines no probability-flow velocity and no likelihood."""
         return None
 
     def draw(self, n, generator, device, t):

@@ -305,6 +305,10 @@ class DiffusionTrainer:
                     loss_acc.zero_(), norm_acc.zero_(), good_acc.zero_()
                     tic, step_at_tic = time.time(), self.step
                     skipped_at_log = metrics["skipped_steps"]
+                if self.dist.is_main:  # power EMA: snapshots for post-hoc reconstruction
+                    save_snapshot_if_due(  # before a stop: a resume does not redo this step
+                        self.ema, self.run_dir, c.ema_snapshot_every, utils.atomic_torch_save
+                    )
                 if (self.step % self.poll_every == 0 or self.step == until) and stop_flag.item():
                     self.stopped = (stop.reason or "a signal to another rank", self.save())
                     break
@@ -320,10 +324,6 @@ class DiffusionTrainer:
                 if eval_due:
                     metrics = self.evaluate()
                     logger.log(self.step, {f"eval/{k}": v for k, v in metrics.items()})
-                if self.dist.is_main:  # power EMA: snapshots for post-hoc reconstruction
-                    save_snapshot_if_due(
-                        self.ema, self.run_dir, c.ema_snapshot_every, utils.atomic_torch_save
-                    )
         finally:
             if own_stop:
                 stop.restore()
@@ -652,8 +652,13 @@ def evaluate_model(net, process, config, data_info, nll_data, dist_info, num_cla
 
 def nll_metrics(net, process, config, nll_data, dist_info, num_classes, kind):
     """Negative log-likelihood (nats per dimension, its standard error, bits per dimension for
-    images) of nll_data = (x, y), the points split over ranks and gathered."""
+    images) of nll_data = (x, y), the points split over ranks and gathered: the probability-flow
+    ODE of the objective's velocity (objectives: a MeanFlow net at r = t, its times scaled as in
+    training) over [eval.nll_t_min, eval.nll_t_max] (main.resolve_likelihood_range)."""
     e, s = config.eval, config.sample
+    objective = objectives.build_objective(
+        config.train.objective, time_sampler=None, time_scale=config.train.meanflow_time_scale
+    )
     x, y = nll_data
     mine = slice(dist_info.rank, None, dist_info.world_size)
     x, y = x[mine].to(dist_info.device), y[mine].to(dist_info.device)
@@ -662,14 +667,14 @@ def nll_metrics(net, process, config, nll_data, dist_info, num_classes, kind):
     progress = logging_utils.TaskProgress("likelihood", dist_info.is_main)
     with progress:
         log_p, nfe = sampling.log_likelihood(
-            net,
+            objective.velocity_net(net),
             process,
             config.prediction.model_output,
             x,
             solver=e.nll_solver,
             steps=e.nll_steps,
-            t_min=s.t_min,
-            t_max=s.t_max,
+            t_min=e.nll_t_min,
+            t_max=e.nll_t_max,
             divergence=divergence,
             num_probes=e.num_probes,
             seed=e.seed + dist_info.rank,
@@ -689,6 +694,7 @@ def nll_metrics(net, process, config, nll_data, dist_info, num_classes, kind):
         "nll_num": len(nll),
         "nll_nfe": nfe,
         "nll_divergence": divergence,
+        "nll_t_min": e.nll_t_min,  # > 0: the density of x_{t_min}, not of the data
     }
     if kind == "image":
         metrics["bits_per_dim"] = sampling.bits_per_dim(-nll.mean().item() * dims, dims)
@@ -740,7 +746,8 @@ def degenerate_samples_message(x, model_output, process_name):
     bad = (~torch.isfinite(flat)).any(1)
     if bad.any():
         return (
-            f"warning: {int(bad.sum())} of {len(x)} samples hold NaN or inf (written as 0): the "
+            f"warning: {int(bad.sum())} of {len(x)} samples hold NaN or inf (images: written "
+            f"as 0; points: left out of the plot, kept in samples.npz as they are): the "
             f"sampler diverged; likely causes: a prediction conversion that divides by a tiny "
             f"alpha or sigma at the ends of the time range ({model_output} outputs of process "
             f"{process_name!r}: try sample.t_max < 1, another sample.grid, more sample.steps, or "

@@ -206,6 +206,24 @@ def check_fit(snapshots, sigma_rel, step):
     return target
 
 
+def drop_snapshots_after(paths, snapshots, step, ckpt_path):
+    """(paths, snapshots) of the snapshots at or before the base checkpoint's `step`, with a
+    note for those left out: written after it (by a run stopped before its next checkpoint),
+    they are not of the checkpoint's trajectory as far as it goes. One line if none is left."""
+    kept = [(p, s) for p, s in zip(paths, snapshots, strict=True) if s[0] <= step]
+    if len(kept) < len(paths):
+        print(
+            f"note: leaving out {len(paths) - len(kept)} snapshot(s) after step {step} of the base "
+            f"checkpoint {ckpt_path}"
+        )
+    if not kept:
+        raise ValueError(
+            f"--snapshots: every snapshot is after step {step} of the base checkpoint {ckpt_path}: "
+            f"use a later checkpoint of the same run"
+        )
+    return [p for p, _ in kept], [s for _, s in kept]
+
+
 def check_same_network(paths, snapshots, ema_weights, ckpt_path):
     shapes = {k: tuple(v.shape) for k, v in ema_weights.items()}
     for path, (_, _, profile_shapes) in zip(paths, snapshots, strict=True):
@@ -245,6 +263,7 @@ def run(args):
     paths = snapshot_files(args.snapshots, args.ckpt)
     check_out_is_no_input(args.out, args.ckpt, paths)
     snapshots = [read_snapshot(p) for p in paths]
+    paths, snapshots = drop_snapshots_after(paths, snapshots, checkpoint["step"], ckpt_path)
     check_fit(snapshots, args.sigma_rel, args.step)
     check_same_network(paths, snapshots, checkpoint["ema"]["model"], ckpt_path)
     state_dict, info = ema.posthoc_state_dict(paths, args.sigma_rel, args.step)

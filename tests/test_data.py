@@ -251,6 +251,7 @@ def test_mnist_missing_files(tmp_path, monkeypatch):
     assert str(tmp_path / "mnist" / "t10k-labels-idx1-ubyte") in message
     assert "train-images" not in message and "\n" not in message
     build_dataset("mnist", str(tmp_path), train=True)  # the train split is complete
+    ensure_available("mnist", str(tmp_path), splits=(True,))  # training needs no test split
     with pytest.raises(FileNotFoundError, match="t10k-labels-idx1-ubyte"):
         build_dataset("mnist", str(tmp_path), train=False)
 

@@ -210,6 +210,23 @@ def test_save_image_grid_and_scatter(tmp_path):
     assert Image.open(path).size == (500, 500)
 
 
+def test_a_scatter_of_diverged_samples_draws_the_finite_ones(tmp_path):
+    """NaN / inf points (a diverged sampler) are left out of the plot and out of its limits,
+    instead of matplotlib's 'Axis limits cannot be NaN or Inf'; none finite gives limit 1."""
+    points = np.random.default_rng(0).normal(size=(500, 2))
+    broken = points.copy()
+    broken[:10, 0], broken[10:20, 1] = np.nan, np.inf
+    assert logging_utils.plot_limit(broken, 1.1) == logging_utils.plot_limit(points[20:], 1.1)
+    assert logging_utils.plot_limit(np.full((4, 2), np.nan), 1.1) == 1.0
+    for data in (broken, np.full((4, 2), np.nan)):
+        path = logging_utils.save_scatter(data, str(tmp_path / "s.png"), reference=points)
+        assert Image.open(path).size == (500, 500)
+        path = logging_utils.save_scatter_snapshots(
+            [(1.0, points), (0.0, data)], tmp_path / "t.png"
+        )
+        assert Image.open(path).size[0] > 0
+
+
 def test_metrics_logger_writes_jsonl(tmp_path):
     logger = logging_utils.MetricsLogger(str(tmp_path), enabled=True)
     logger.log(3, {"loss": 0.5})

@@ -357,3 +357,72 @@ def test_few_step_objectives_train_resume_and_sample(tmp_path, preset):
     assert "few_step, 1 steps, NFE 1" in result.stdout
     with np.load(tmp_path / "out" / "samples.npz") as f:
         assert f["samples"].shape == (6, 8, 8, 1)
+
+
+class StopAt:
+    """A stop request (utils.StopRequest's interface) that arrives during step `step`."""
+
+    def __init__(self, trainer_ref, step):
+        self.trainer_ref, self.step, self.reason = trainer_ref, step, None
+
+    def requested(self, watch_parent=False):
+        if self.trainer_ref[0].step + 1 >= self.step:
+            self.reason = "SIGTERM"
+        return self.reason is not None
+
+
+def test_ema_snapshots_of_an_abandoned_trajectory_are_set_aside_and_never_lost(tmp_path, capsys):
+    """Snapshots written after the checkpoint a run resumes from (a crash came before the next
+    checkpoint) are renamed *.abandoned, never mixed with the resumed run's (which rewrites
+    them identically here) nor used by post-hoc reconstruction from that checkpoint; a stop
+    signal at a snapshot step writes the snapshot before stopping, since the resume does not
+    redo that step."""
+    import sys
+
+    from helpers import ROOT
+
+    sys.path.insert(0, os.path.join(ROOT, "scripts"))
+    import posthoc_ema
+
+    kwargs = dict(train__steps=6, train__save_every=3, train__ema="power")
+    kwargs.update(train__ema_snapshot_every=2)
+    trainer = main.train(tiny_config("checkerboard", tmp_path, **kwargs), {}, SINGLE)
+    folder = os.path.join(trainer.run_dir, "ema_snapshots")
+    written = {n: load(os.path.join(folder, n)) for n in os.listdir(folder)}
+    assert sorted(written) == ["ema_0000002.pt", "ema_0000004.pt", "ema_0000006.pt"]
+    os.remove(os.path.join(trainer.run_dir, "ckpt_0000006.pt"))  # the crash before it
+    out = str(tmp_path / "posthoc.pt")
+    posthoc_ema.main(["--ckpt", trainer.run_dir, "--sigma_rel", "0.1", "--out", out])
+    printed = capsys.readouterr().out
+    assert "note: leaving out 2 snapshot(s) after step 3 of the base checkpoint" in printed
+    assert load(out)["posthoc_ema"]["step"] == 2
+    resumed = main.train(tiny_config("checkerboard", tmp_path, **kwargs), {}, SINGLE)
+    assert "set aside 2 EMA snapshot(s) written after step 3" in capsys.readouterr().out
+    assert resumed.step == 6 and sorted(os.listdir(folder)) == [
+        "ema_0000002.pt",
+        "ema_0000004.pt",
+        "ema_0000004.pt.abandoned",
+        "ema_0000006.pt",
+        "ema_0000006.pt.abandoned",
+    ]
+    for name in ("ema_0000004.pt", "ema_0000006.pt"):  # the same trajectory, rewritten
+        again, before = load(os.path.join(folder, name)), written[name]
+        for a, b in zip(again["profiles"], before["profiles"], strict=True):
+            assert all(torch.equal(a[k], b[k]) for k in a)
+    stopped_dir = tmp_path / "stopped"
+    config = tiny_config("checkerboard", stopped_dir, **kwargs)
+    holder = []
+    original = main.DiffusionTrainer.train
+
+    def train_with_stop(self, logger_factory, until=None, stop=None):
+        holder.append(self)
+        return original(self, logger_factory, until, StopAt(holder, 4))
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(main.DiffusionTrainer, "train", train_with_stop)
+        stopped = main.train(config, {}, SINGLE)
+    assert stopped.step == 4 and stopped.stopped is not None
+    assert sorted(os.listdir(os.path.join(stopped.run_dir, "ema_snapshots"))) == [
+        "ema_0000002.pt",
+        "ema_0000004.pt",
+    ]
