@@ -646,6 +646,19 @@ def flip_mask(num_items: int, seed: int, epoch: int) -> torch.Tensor:
     return torch.rand(num_items, generator=generator) < 0.5
 
 
+def batches_per_epoch(num_items: int, batch_size: int, world_size: int = 1) -> int:
+    """Full micro-batches of `batch_size` per rank in an epoch of `num_items` split over
+    `world_size` ranks (DistributedSampler with drop_last); ValueError (one line) when 0."""
+    count = num_items // world_size // batch_size
+    if count == 0:
+        raise ValueError(
+            f"a micro-batch of {batch_size} (train.batch_size / train.grad_accum / processes) "
+            f"x {world_size} process(es) exceeds the dataset size {num_items}: lower "
+            f"train.batch_size or use more data (data.num_points for 2-D sets)"
+        )
+    return count
+
+
 class InfiniteLoader:
     """Endless (x, y) batches of `batch_size` per rank, exact to resume and world-size invariant.
 
@@ -679,13 +692,7 @@ class InfiniteLoader:
         self.sampler = DistributedSampler(
             dataset, num_replicas=world_size, rank=rank, shuffle=True, seed=seed, drop_last=True
         )
-        self.batches_per_epoch = len(self.sampler) // batch_size
-        if self.batches_per_epoch == 0:
-            raise ValueError(
-                f"a micro-batch of {batch_size} (train.batch_size / train.grad_accum / processes) "
-                f"x {world_size} process(es) exceeds the dataset size {len(dataset)}: lower "
-                f"train.batch_size or use more data (data.num_points for 2-D sets)"
-            )
+        self.batches_per_epoch = batches_per_epoch(len(dataset), batch_size, world_size)
         self.epoch, self.batch = 0, 0
         self._chunks = None  # index chunks of self.epoch, built lazily
         self._flips = None  # this epoch's flip mask over dataset indices (flip=True only)

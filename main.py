@@ -412,6 +412,10 @@ def build_trainer(config, dist_info):
     process = check_config(config, dist_info.world_size)
     run_dir = os.path.join(config.workdir, config.name)
     dataset = build_dataset(config, dist_info)
+    t, world = config.train, dist_info.world_size
+    data_utils.batches_per_epoch(  # before the lock: nothing is written for a batch too big
+        len(dataset), utils.micro_batch_size(t.batch_size, world, t.grad_accum), world
+    )
     num_classes = dataset.num_classes if config.model.class_conditional else 0
     check_guidance(config.sample.guidance_scale, num_classes, config.model.class_dropout)
     eval_dataset = None  # the likelihoods of train.eval_every use the test split

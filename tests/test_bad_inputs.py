@@ -484,3 +484,4 @@ def test_a_batch_larger_than_the_data_names_the_settings(tmp_path):
         "exceeds the dataset size 8: lower train.batch_size or use more data (data.num_points "
         "for 2-D sets)"
     )
+    assert not tmp_path.joinpath(config.name).exists()  # found before the run directory is made
