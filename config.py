@@ -159,6 +159,7 @@ def base_config():
     # default_t_min / t_max where its velocity is singular (EDM samples down to sigma = 0)
     c.eval.nll_t_min = config_dict.placeholder(float)
     c.eval.nll_t_max = config_dict.placeholder(float)
+    c.eval.nll_grid = "sample"  # its time grid: sample (sample.grid) | uniform | edm | logsnr
     c.eval.divergence = "auto"  # exact | hutchinson | auto (exact up to 16 dimensions)
     c.eval.num_probes = 1  # Hutchinson probes per sample
     c.eval.seed = 0

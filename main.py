@@ -137,6 +137,7 @@ def registry_choices():
         "train.precision": ("fp32", "bf16"),
         "eval.feature_extractor": evaluation.FEATURE_EXTRACTORS,
         "eval.nll_solver": sampling.ODE_SOLVERS,
+        "eval.nll_grid": ("sample", *sampling.TIME_GRIDS),
         "eval.divergence": ("auto", *sampling.DIVERGENCES),
         "logging.wandb": logging_utils.WANDB_MODES,
     }
@@ -327,12 +328,18 @@ def resolve_time_ranges(config, process):
         resolve_likelihood_range(config.eval, s, process, sampler)
 
 
+def likelihood_grid(e, s):
+    """The likelihood ODE's time grid: eval.nll_grid, or sample.grid for `sample`."""
+    return s.grid if e.nll_grid == "sample" else e.nll_grid
+
+
 def resolve_likelihood_range(e, s, process, sampler):
     """Fill unset eval.nll_t_min / nll_t_max with the sampler's range, moved to the process's
-    default_t_min / default_t_max at an end where the likelihood's ODE (its velocity, on the
-    uniform grid of eval.nll_steps) is singular: EDM samples down to sigma = 0, where the
-    velocity of an x0 output is 0 / 0. Then check its whole grid."""
-    field = {**sampler, "solver": e.nll_solver, "grid": "uniform", "need_x0": False}
+    default_t_min / default_t_max at an end where the likelihood's ODE (its velocity, on its
+    grid of eval.nll_steps) is singular: EDM samples down to sigma = 0, where the velocity of an
+    x0 output is 0 / 0. Then check its whole grid."""
+    grid = likelihood_grid(e, s)
+    field = {**sampler, "solver": e.nll_solver, "grid": grid, "need_x0": False}
 
     def singular(times):
         return sampling.singular_sampling_times(times=list(times), **field)
@@ -347,7 +354,9 @@ def resolve_likelihood_range(e, s, process, sampler):
             f"eval.nll_t_min={e.nll_t_min:g}, eval.nll_t_max={e.nll_t_max:g}: need "
             f"nll_t_min < nll_t_max"
         )
-    bad = singular(torch.linspace(e.nll_t_min, e.nll_t_max, e.nll_steps + 1).tolist())
+    bad = singular(
+        sampling.TIME_GRIDS[grid](e.nll_steps, e.nll_t_max, e.nll_t_min, process).tolist()
+    )
     if bad:
         raise ValueError(
             f"the likelihood's ODE ({sampler['model_output']} outputs of process "

@@ -675,6 +675,7 @@ def nll_metrics(net, process, config, nll_data, dist_info, num_classes, kind):
             steps=e.nll_steps,
             t_min=e.nll_t_min,
             t_max=e.nll_t_max,
+            grid=s.grid if e.nll_grid == "sample" else e.nll_grid,
             divergence=divergence,
             num_probes=e.num_probes,
             seed=e.seed + dist_info.rank,
