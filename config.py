@@ -531,7 +531,7 @@ def _tuple_of(rule, what, min_len=0):
 
 
 def _pair_in_unit_interval(v):
-    return _is_sequence(v) and len(v) == 2 and all(map(_is_finite, v)) and 0 <= v[0] <= v[1] <= 1
+    return _is_sequence(v) and len(v) == 2 and all(map(_is_finite, v)) and 0 <= v[0] < v[1] <= 1
 
 
 def _safe_name(v):
@@ -607,7 +607,7 @@ VALUE_RULES = {
         lambda v: _is_sequence(v) and len(v) == 2 and all(map(PROBABILITY[0], v)),
         "a pair (beta1, beta2), each a finite number in [0, 1)",
     ),
-    "train.adam_eps": POSITIVE_REAL,
+    "train.adam_eps": _number_in(0, 1, low_open=True),
     "train.grad_clip": _number_in(0),
     "train.ema_decay": UNIT,
     "train.ema_stds": _tuple_of(
@@ -638,6 +638,7 @@ VALUE_RULES = {
     "prediction.min_snr_gamma": POSITIVE_REAL,
     "time_sampler.p_std": POSITIVE_REAL,
     "train.meanflow_c": POSITIVE_REAL,
+    "train.meanflow_p": _number_in(0, 10),  # the paper: 0 (plain MSE) to 2
     "train.meanflow_time_scale": POSITIVE_REAL,
     "train.consistency_s_min": POSITIVE_REAL,
     "train.consistency_s_max": POSITIVE_REAL,
@@ -645,7 +646,10 @@ VALUE_RULES = {
     "train.consistency_s0": POSITIVE,
     "train.consistency_s1": POSITIVE,
     "sample.guidance_scale": _number_in(-100, 100),  # far beyond any useful w; 1e30 gave NaN
-    "sample.guidance_interval": (_pair_in_unit_interval, "a pair (lo, hi) with 0 <= lo <= hi <= 1"),
+    "sample.guidance_interval": (  # lo == hi would silently never guide
+        _pair_in_unit_interval,
+        "a pair (lo, hi) with 0 <= lo < hi <= 1",
+    ),
     "sample.clip_percentile": _number_in(0, 1, low_open=True),
     "sample.num": (lambda v: _is_int(v) and 1 <= v <= MAX_SAMPLES, "an integer in [1, 10**8]"),
     "sample.batch_size": POSITIVE,
@@ -787,6 +791,17 @@ def _consistency_ranges(c, world_size):
     return None
 
 
+def _weight_decay_step(c, world_size):
+    t = c.train
+    if t.lr * t.weight_decay >= 1:
+        return (
+            f"train.weight_decay={t.weight_decay:g} x train.lr={t.lr:g} = "
+            f"{t.lr * t.weight_decay:g} >= 1: AdamW's decay w <- w (1 - lr weight_decay) would "
+            f"zero or flip every weight each step; use weight_decay < 1 / lr (typically 0-0.1)"
+        )
+    return None
+
+
 def _churn_range(c, world_size):
     s = c.sample
     if s.s_tmin > s.s_tmax:
@@ -801,6 +816,7 @@ CROSS_CHECKS = (
     _batch_divisible,
     _consistency_ranges,
     _churn_range,
+    _weight_decay_step,
     _unet_downsampling,
     _unet_attention_heads,
     _dit_patches,

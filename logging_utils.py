@@ -81,7 +81,7 @@ class MetricsLogger:
             return
         record = {"step": int(step), "time": round(time.time(), 3), **metrics}
         with open(self.path, "a") as f:
-            f.write(json.dumps(record) + "\n")
+            f.write(json_line(record) + "\n")
         if self.run is not None:
             self.run.log(metrics, step=int(step))
 
@@ -156,6 +156,27 @@ def save_loss_curve(records, path, keys=("loss",)):
     plt.close(fig)
     os.replace(tmp, path)
     return path
+
+
+def non_finite_keys(record):
+    """The keys of a flat dict whose values are NaN or infinite floats."""
+    return [k for k, v in record.items() if isinstance(v, float) and not math.isfinite(v)]
+
+
+def json_line(obj, **kwargs):
+    """json.dumps of `obj` with NaN and infinities written as null: strict JSON, which json's
+    default NaN / Infinity tokens are not (jq and most parsers reject them)."""
+
+    def clean(value):
+        if isinstance(value, float) and not math.isfinite(value):
+            return None
+        if isinstance(value, dict):
+            return {k: clean(v) for k, v in value.items()}
+        if isinstance(value, (list, tuple)):
+            return [clean(v) for v in value]
+        return value
+
+    return json.dumps(clean(obj), allow_nan=False, **kwargs)
 
 
 def _is_finite_number(value):

@@ -15,7 +15,6 @@ Builds the parts (dataset, network, process, time sampler) from the config, chec
 before any work starts, and dispatches the mode.
 """
 
-import json
 import os
 import sys
 
@@ -581,6 +580,13 @@ def resume_line(config, saved, path, step):
             f"weights)"
         )
     line = f"resuming from {path} at step {step}"
+    ignored = [c for c in mutable if c[0] == "train.init_from"]
+    mutable = [c for c in mutable if c[0] != "train.init_from"]
+    if ignored:
+        line += (
+            f"; ignoring the changed train.init_from={ignored[0][2]!r}: a run resumes from its "
+            f"own checkpoint (start a new run with --config.name=NEW to initialise from it)"
+        )
     if mutable:
         line += f"; applying changed {checkpoints.describe_changes(mutable)}"
         keys = {key for key, _, _ in mutable}
@@ -662,7 +668,7 @@ def truncate_metrics(run_dir, step):
         path = os.path.join(run_dir, "metrics.jsonl")
         print(f"warning: {path}: dropped {torn} unreadable line(s), cut off while being written")
     if torn or len(kept) != len(records):
-        text = "".join(json.dumps(r) + "\n" for r in kept)
+        text = "".join(logging_utils.json_line(r) + "\n" for r in kept)
         utils.atomic_write_text(text, os.path.join(run_dir, "metrics.jsonl"))
 
 
@@ -903,7 +909,15 @@ def evaluate(config, config_overrides, dist_info):
         net, process, config, info, nll_data, dist_info, num_classes
     )
     if dist_info.is_main:
-        print(json.dumps({"checkpoint": path, "step": state["step"], **metrics}))
+        bad = logging_utils.non_finite_keys(metrics)
+        if bad:
+            print(
+                f"warning: {', '.join(bad)} not finite (printed as null): the samples or the "
+                f"likelihood diverged; see the warning above, or try other sample.* / eval.* "
+                f"settings",
+                file=sys.stderr,
+            )
+        print(logging_utils.json_line({"checkpoint": path, "step": state["step"], **metrics}))
 
 
 def info(config, config_overrides, dist_info):
@@ -935,7 +949,7 @@ def info(config, config_overrides, dist_info):
         record = state["posthoc_ema"]
         keys = ("sigma_rel", "step", "relative_profile_error")
         summary["posthoc_ema"] = {k: record[k] for k in keys if k in record}
-    print(json.dumps(summary, indent=2))
+    print(logging_utils.json_line(summary, indent=2))
 
 
 MODE_FNS = {"train": train, "sample": sample, "eval": evaluate, "info": info}
@@ -949,12 +963,13 @@ def is_first_rank():
     return int(os.environ.get("RANK", "0")) == 0
 
 
-def fail(message, every_rank=False):
-    """Exit with status 1 after one line `error: MESSAGE` on stderr: on rank 0 only, so that a
-    multi-process launch prints it once, unless the failure is this rank's own (`every_rank`)."""
+def fail(message, every_rank=False, code=1):
+    """Exit with status `code` after one line `error: MESSAGE` on stderr: on rank 0 only, so
+    that a multi-process launch prints it once, unless the failure is this rank's own
+    (`every_rank`)."""
     if every_rank or is_first_rank():
         print(f"error: {message}", file=sys.stderr, flush=True)
-    sys.exit(1)
+    sys.exit(code)
 
 
 def check_argv(argv):
@@ -1059,6 +1074,8 @@ def main(argv):
     overrides = config_flags.get_override_values(FLAGS["config"])
     if "TORCHELASTIC_RUN_ID" in os.environ:  # under torchrun: stop if the launcher dies
         utils.die_with_parent()
+    if FLAGS.mode != "train":  # training checkpoints on a stop signal (utils.StopRequest)
+        utils.raise_on_stop_signals()
     dist_info = utils.setup_distributed()
     torch.backends.cuda.matmul.allow_tf32 = True
     torch.backends.cudnn.allow_tf32 = True
@@ -1066,6 +1083,14 @@ def main(argv):
         check_mode_flags(overrides)
         MODE_FNS[FLAGS.mode](FLAGS.config, overrides, dist_info)
         utils.barrier()  # leave together: none tears the group down while rank 0 still writes
+        utils.mark_worker("done")
+    except utils.Stopped as e:
+        utils.mark_worker("stopped")
+        name, number = e.args
+        fail(
+            f"stopped by {name} during --mode={FLAGS.mode}; its output was not written",
+            code=128 + number,
+        )
     except (ValueError, TrainingDiverged) as e:
         fail(e)
     except OSError as e:  # includes FileNotFoundError and PermissionError

@@ -25,6 +25,7 @@ import contextlib
 import json
 import os
 import statistics
+import sys
 import time
 
 import numpy as np
@@ -622,6 +623,9 @@ def evaluate_model(net, process, config, data_info, nll_data, dist_info, num_cla
     x, _, nfe = generate_distributed(
         net, process, model_output, shape, config.sample.num, num_classes, dist_info, kwargs
     )
+    message = degenerate_samples_message(x, model_output, process.name)
+    if message and dist_info.is_main:
+        print(message, file=sys.stderr)
     metrics = {"sample_nfe": nfe, "num_samples": config.sample.num}
     if kind == "image":
         d = config.data

@@ -6,6 +6,7 @@ import json
 import logging
 import os
 import random
+import shutil
 import signal
 import sys
 import tempfile
@@ -375,13 +376,44 @@ def threads_per_worker(workers, cores=None):
     return max(1, cores // workers)
 
 
+WORKER_STATUS_ENV = "INTERPOLANTS_WORKER_STATUS_DIR"  # set by launch for its workers
+
+
+def mark_worker(outcome):
+    """Tell utils.launch how this worker ended: `done` (its mode finished) or `stopped` (a stop
+    signal ended it after it said so in one line): an empty file <local rank>.<outcome> in the
+    folder the launcher names in WORKER_STATUS_ENV; nothing outside a launch."""
+    folder = os.environ.get(WORKER_STATUS_ENV)
+    if folder and os.path.isdir(folder):
+        open(os.path.join(folder, f"{os.environ.get('LOCAL_RANK', '0')}.{outcome}"), "w").close()
+
+
+class Stopped(Exception):
+    """A stop signal outside training (raise_on_stop_signals): args = (name, number)."""
+
+
+def raise_on_stop_signals():
+    """Make each of STOP_SIGNALS raise Stopped(name, number) in the main thread: sample, eval
+    and info end with one line instead of dying silently (SIGTERM) or with a traceback
+    (SIGINT)."""
+
+    def handle(signum, frame):
+        raise Stopped(signal.Signals(signum).name, signum)
+
+    for name in STOP_SIGNALS:
+        signal.signal(getattr(signal, name), handle)
+
+
 def launch(torchrun_args):
     """Run torchrun with `torchrun_args` in this process and return an exit status, printing no
     launcher traceback: a worker's own `error:` line (or traceback) is all the user sees, and
-    a stop signal forwarded to the workers (they checkpoint and exit) ends with status 0, or
-    with one `error:` line and status 137 if torchrun had to kill workers still running after
-    its shutdown timeout. Several workers on a node share its cores (OMP_NUM_THREADS, unless
-    set) instead of torchrun's default of one thread each."""
+    a stop signal forwarded to the workers (they checkpoint and exit) ends with status 0 when
+    every worker finished (mark_worker), else with 128 + the signal and one `error:` line
+    unless every unfinished worker said why itself (a worker stopped before its work was done:
+    sampling or eval wrote nothing, a run that had not started training has nothing to save),
+    or 137 if torchrun had to kill workers still
+    running after its shutdown timeout. Several workers on a node share its cores
+    (OMP_NUM_THREADS, unless set) instead of torchrun's default of one thread each."""
     from torch.distributed import run as torchrun
     from torch.distributed.elastic.multiprocessing.api import SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
@@ -392,11 +424,26 @@ def launch(torchrun_args):
     workers = torchrun.determine_local_world_size(args.nproc_per_node)
     if workers > 1 and "OMP_NUM_THREADS" not in os.environ:  # torchrun would set 1, with a banner
         os.environ["OMP_NUM_THREADS"] = str(threads_per_worker(workers))
+    status_dir = tempfile.mkdtemp(prefix="interpolants-workers-")
+    os.environ[WORKER_STATUS_ENV] = status_dir  # the workers inherit it
     try:
         torchrun.run(args)
     except SignalException as e:  # forwarded to the workers, which checkpoint and say so
-        if not killed.pids:
+        name = signal.Signals(e.sigval).name
+        outcomes = [f.rpartition(".")[2] for f in os.listdir(status_dir)]
+        finished, explained = outcomes.count("done"), outcomes.count("stopped")
+        if not killed.pids and finished >= workers:
             return 0
+        if not killed.pids and finished + explained >= workers:
+            return 128 + e.sigval
+        if not killed.pids:
+            print(
+                f"error: {name} stopped {workers - finished} of {workers} worker(s) before their "
+                f"work was done (sample / eval: nothing written; training: nothing lost, it "
+                f"resumes from its newest checkpoint): rerun the same command",
+                file=sys.stderr,
+            )
+            return 128 + e.sigval
         print(
             f"error: {len(killed.pids)} worker(s) still running {args.shutdown_timeout} s after "
             f"{signal.Signals(e.sigval).name} were killed (SHUTDOWN_TIMEOUT); rerun the same "
@@ -411,6 +458,8 @@ def launch(torchrun_args):
             print(f"error: worker rank {rank} was killed by {name}", file=sys.stderr)
             return 128 - failure.exitcode
         return failure.exitcode
+    finally:
+        shutil.rmtree(status_dir, ignore_errors=True)
     return 0
 
 

@@ -136,20 +136,30 @@ def test_sigterm_checkpoints_and_resume_is_bit_identical(tmp_path):
 
 
 WORKER = """
-import signal, sys, time
+import os, signal, sys, time
+def finish(*args):  # as main.py does at the end of its mode (utils.mark_worker)
+    open(os.path.join(os.environ["INTERPOLANTS_WORKER_STATUS_DIR"], "0.done"), "w").close()
+    sys.exit(0)
 signal.signal(signal.SIGTERM, {handler})
 open(sys.argv[1], "w").close()
 time.sleep(60)
 """
+WORKER_HANDLERS = {
+    "finishes": "finish",  # checkpoints and says it is done: status 0, nothing said
+    "dies": "lambda *args: sys.exit(0)",  # ends before its work is done, silently
+    "stubborn": "signal.SIG_IGN",  # still running after the shutdown timeout: killed
+}
 
 
-@pytest.mark.parametrize("stubborn", [False, True])
-def test_the_launcher_says_when_it_killed_workers_after_the_shutdown_timeout(tmp_path, stubborn):
-    """A stop signal to the launcher is forwarded; a worker that exits within the shutdown
-    timeout ends the launch with status 0 and no line of the launcher's, one still running
-    after it (a long eval, a hung collective) is killed, and the launcher says so in one
-    error line with status 137."""
-    handler = "signal.SIG_IGN" if stubborn else "lambda *args: sys.exit(0)"
+@pytest.mark.parametrize("worker", list(WORKER_HANDLERS))
+def test_the_launcher_says_when_it_killed_workers_after_the_shutdown_timeout(tmp_path, worker):
+    """A stop signal to the launcher is forwarded; a worker that finishes within the shutdown
+    timeout ends the launch with status 0 and no line of the launcher's; one that ends without
+    finishing (killed at start-up, a sampler without a handler) gives 128 + 15 and one line;
+    one still running after the timeout (a long eval, a hung collective) is killed, and the
+    launcher says so in one error line with status 137."""
+    handler = WORKER_HANDLERS[worker]
+    stubborn = worker == "stubborn"
     script, ready = tmp_path / "worker.py", tmp_path / "ready"
     script.write_text(WORKER.format(handler=handler))
     torchrun = ["--standalone", "--nproc-per-node=1", "--signals-to-handle=SIGTERM"]
@@ -167,6 +177,13 @@ def test_the_launcher_says_when_it_killed_workers_after_the_shutdown_timeout(tmp
         assert errors == [
             "error: 1 worker(s) still running 1 s after SIGTERM were killed (SHUTDOWN_TIMEOUT); "
             "rerun the same command to resume from the newest checkpoint"
+        ]
+    elif worker == "dies":
+        assert proc.returncode == 128 + signal.SIGTERM, err
+        assert errors == [
+            "error: SIGTERM stopped 1 of 1 worker(s) before their work was done (sample / eval: "
+            "nothing written; training: nothing lost, it resumes from its newest checkpoint): "
+            "rerun the same command"
         ]
     else:
         assert proc.returncode == 0 and errors == [], err
@@ -845,6 +862,26 @@ def test_init_from_loads_weights_only_and_checks_shapes(tmp_path):
     assert not (tmp_path / "d").exists()
 
 
+def test_a_changed_init_from_on_resume_says_it_is_ignored(tmp_path, capsys):
+    """A run with checkpoints resumes from its own; a train.init_from given then is not
+    'applied' (as the resume line used to say) but reported as ignored, weights untouched."""
+    source = main.train(tiny_config("checkerboard", tmp_path / "a", train__steps=1), {}, SINGLE)
+    run = main.train(tiny_config("checkerboard", tmp_path / "b", train__steps=2), {}, SINGLE)
+    weights = {k: v.clone() for k, v in run.net.state_dict().items()}
+    again = tiny_config("checkerboard", tmp_path / "b", train__steps=2)
+    again.train.init_from = source.run_dir
+    capsys.readouterr()
+    resumed = main.build_trainer(again, SINGLE)
+    resumed.run_lock.release()
+    line = capsys.readouterr().out.splitlines()[0]
+    assert line == (
+        f"resuming from {run.run_dir}/ckpt_0000002.pt at step 2; ignoring the changed "
+        f"train.init_from={source.run_dir!r}: a run resumes from its own checkpoint (start a new "
+        f"run with --config.name=NEW to initialise from it)"
+    )
+    assert all(torch.equal(resumed.net.state_dict()[k], v) for k, v in weights.items())
+
+
 def test_a_full_disk_while_saving_a_checkpoint_is_an_os_error_naming_the_file(tmp_path):
     """torch.save reports a failed write (ENOSPC) as a RuntimeError; the atomic save turns it
     back into the OSError (main prints it as one line naming the checkpoint), removes its
@@ -891,3 +928,36 @@ def test_checkpoint_loads_with_weights_only_and_restores_every_rng(tmp_path):
     utils.set_rng_state(state["rng"][0])
     assert drawn == (random.random(), np.random.rand(), torch.rand(1).item())
     assert json.loads(state["config"])["train"]["steps"] == 1
+
+
+@pytest.mark.parametrize("signame", ["SIGTERM", "SIGINT"])
+def test_a_stop_signal_during_sampling_through_run_sh_fails_with_one_line(tmp_path, signame):
+    """A stop signal to run.sh's process group while the workers sample: they say so in one
+    line and the launch exits 128 + the signal, not 0 (a script must not take the missing
+    samples for success); nothing is written. Before, SIGTERM exited 0 silently and SIGINT
+    printed a KeyboardInterrupt traceback."""
+    trainer = main.train(tiny_config("moons", tmp_path, train__steps=1), {}, SINGLE)
+    out = tmp_path / "samples"
+    proc = subprocess.Popen(
+        ["sh", "run.sh", "--mode=sample", f"--ckpt={trainer.run_dir}", f"--out={out}"]
+        + ["--config.sample.num=200000", "--config.sample.steps=500"],
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"},
+        start_new_session=True,
+    )
+    seen = ""
+    deadline = time.time() + 120
+    while "sampling:" not in seen:  # the workers are inside the sampler
+        assert time.time() < deadline and proc.poll() is None, seen
+        seen += proc.stderr.read(1)
+    os.killpg(proc.pid, getattr(signal, signame))
+    _, stderr = proc.communicate(timeout=120)
+    errors = [line for line in (seen + stderr).splitlines() if "error" in line.lower()]
+    assert proc.returncode == 128 + getattr(signal, signame), stderr[-2000:]
+    assert errors == [
+        f"error: stopped by {signame} during --mode=sample; its output was not written"
+    ], errors
+    assert "Traceback" not in stderr and not out.exists()

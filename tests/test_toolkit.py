@@ -593,3 +593,29 @@ def test_ve_likelihood_on_the_edm_grid_matches_the_closed_form():
         )
         errors[grid] = (log_p - exact.sum(1)).abs().mean().item() / 2
     assert errors["uniform"] > 0.02 and errors["edm"] < 1e-3, errors
+
+
+def test_eval_of_diverged_samples_prints_strict_json_and_says_why(tmp_path):
+    """An SDE whose noise overwhelms a step (diffusion_scale 1e4 on 10 steps) gives NaN
+    samples: eval warns about them and prints the metrics as null in strict JSON (json's NaN
+    token is not JSON; jq rejects it), with status 0."""
+    trainer = main.train(tiny_config("moons", tmp_path, train__steps=1), {}, utils.DistInfo())
+    result = run_main(
+        "--mode=eval",
+        f"--ckpt={trainer.run_dir}",
+        "--config.eval.nll_num=0",
+        "--config.sample.solver=euler_maruyama",
+        "--config.sample.diffusion_scale=1e4",
+        "--config.sample.steps=10",
+        "--config.sample.num=64",
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+
+    def refuse(token):
+        raise ValueError(f"not JSON: {token}")
+
+    metrics = json.loads(result.stdout.strip().splitlines()[-1], parse_constant=refuse)
+    assert metrics["sliced_wasserstein"] is None and metrics["mmd"] is None
+    warnings = [line for line in result.stderr.splitlines() if line.startswith("warning:")]
+    assert warnings[0].startswith("warning: 64 of 64 samples hold NaN or inf")
+    assert warnings[1].startswith("warning: sliced_wasserstein, mmd not finite (printed as null)")
