@@ -382,18 +382,31 @@ def cifar10_consistency():
 
 def with_defaults(saved):
     """A saved config (nested dict, e.g. from a checkpoint) on top of base_config(), so that keys
-    added to this file since it was written take their defaults."""
+    added to this file since it was written take their defaults. A whole-number float where
+    this file now has an int is taken as that int; any other value whose type this file no
+    longer allows is one line (ValueError) naming the key."""
     c = base_config()
 
-    def merge(node, values):
+    def merge(node, values, prefix):
         for key, value in values.items():
             if isinstance(value, dict) and isinstance(node.get(key), ConfigDict):
-                merge(node[key], value)
-            else:
+                merge(node[key], value, f"{prefix}{key}.")
+                continue
+            try:
                 node[key] = value
+            except TypeError:
+                now = node[key]
+                if isinstance(now, int) and isinstance(value, float) and value.is_integer():
+                    node[key] = int(value)
+                    continue
+                raise ValueError(
+                    f"the stored config's {prefix}{key}={value!r} has type "
+                    f"{type(value).__name__}, but config.py now declares {type(now).__name__}: "
+                    f"undo that edit of config.py to read checkpoints written before it"
+                ) from None
 
     with c.unlocked():
-        merge(c, saved)
+        merge(c, saved, "")
     return c
 
 

@@ -15,12 +15,13 @@ Builds the parts (dataset, network, process, time sampler) from the config, chec
 before any work starts, and dispatches the mode.
 """
 
+import importlib.util
 import os
 import sys
 
 import torch
 from absl import app, flags
-from ml_collections import config_flags
+from ml_collections import ConfigDict, config_flags
 
 import checkpoints
 import config as config_lib
@@ -972,6 +973,25 @@ def fail(message, every_rank=False, code=1):
     sys.exit(code)
 
 
+def user_config(path, preset, config_arg):
+    """The ConfigDict of the user's own config file `path` (its get_config(preset), as
+    ml_collections will call it), or one line saying why there is none."""
+    spec = importlib.util.spec_from_file_location("user_config", path)
+    module = importlib.util.module_from_spec(spec)
+    try:
+        spec.loader.exec_module(module)
+        get_config = getattr(module, "get_config", None)
+        if not callable(get_config):
+            fail(f"--config={config_arg}: {path} defines no get_config() function")
+        base = get_config(preset) if preset else get_config()
+    except Exception as e:  # the user's own code: say what failed, in one line
+        reason = str(e).split("\n")[0]
+        fail(f"--config={config_arg}: {path} gave no config ({type(e).__name__}: {reason})")
+    if not isinstance(base, ConfigDict):
+        fail(f"--config={config_arg}: get_config() returned a {type(base).__name__}")
+    return base
+
+
 def check_argv(argv):
     """Reject a missing config file and unknown --config.KEY flags with one line before absl
     parses them."""
@@ -985,12 +1005,13 @@ def check_argv(argv):
             f"--config={config_arg}: no such config file; use --config=config.py:PRESET with a "
             f"preset of {sorted(config_lib.PRESETS)}"
         )
-    if os.path.abspath(path) != os.path.join(HERE, "config.py"):
-        return  # the user's own config file: absl and ml_collections check it
-    try:
-        base = config_lib.get_config(preset or None)
-    except ValueError as e:
-        fail(e)
+    if os.path.abspath(path) == os.path.join(HERE, "config.py"):
+        try:
+            base = config_lib.get_config(preset or None)
+        except ValueError as e:
+            fail(e)
+    else:
+        base = user_config(path, preset, config_arg)
     for arg in argv[1:]:
         if arg.startswith("--config."):
             key = arg[len("--config.") :].split("=", 1)[0]

@@ -8,9 +8,10 @@ non-zero, exactly one `error:` line, no traceback, nothing written under the wor
 import inspect
 import math
 import os
+import shutil
 
 import pytest
-from helpers import TINY_UNET, run_main, run_main_forked, tiny_config
+from helpers import ROOT, TINY_UNET, run_main, run_main_forked, tiny_config
 from PIL import Image
 
 import config as config_lib
@@ -506,3 +507,39 @@ def test_a_batch_larger_than_the_data_names_the_settings(tmp_path):
         "for 2-D sets)"
     )
     assert not tmp_path.joinpath(config.name).exists()  # found before the run directory is made
+
+
+def test_a_users_own_config_file_gets_the_same_one_line_checks(tmp_path):
+    """--config=my_config.py:PRESET (a copy of config.py, as users make): an unknown key, an
+    unknown preset and a file without get_config are one line each, not a traceback."""
+    own = tmp_path / "my_config.py"
+    shutil.copy(os.path.join(ROOT, "config.py"), own)
+    (tmp_path / "empty.py").write_text("x = 1\n")
+    cases = [
+        ([f"--config={own}:moons", "--config.train.stepz=3"], "error: config key 'train.stepz'"),
+        ([f"--config={own}:nope"], f"error: --config={own}:nope: {own} gave no config "),
+        (
+            [f"--config={tmp_path / 'empty.py'}"],
+            f"error: --config={tmp_path / 'empty.py'}: {tmp_path / 'empty.py'} defines no "
+            f"get_config() function",
+        ),
+    ]
+    for args, start in cases:
+        result = run_main(*args, f"--config.workdir={tmp_path / 'runs'}")
+        lines = (result.stdout + result.stderr).strip().splitlines()
+        assert result.returncode == 1 and len(lines) == 1 and lines[0].startswith(start), lines
+    assert not (tmp_path / "runs").exists()
+
+
+def test_a_stored_config_value_of_a_type_config_py_no_longer_has_is_one_line():
+    """A checkpoint written before config.py changed a field's type (1.0 -> 1): a whole-number
+    float is read as the int, anything else is one line naming the key (it was a TypeError
+    traceback in sample, eval and info)."""
+    assert config_lib.with_defaults({"train": {"steps": 1000.0}}).train.steps == 1000
+    assert isinstance(config_lib.with_defaults({"train": {"steps": 1000.0}}).train.steps, int)
+    with pytest.raises(ValueError) as info:
+        config_lib.with_defaults({"train": {"steps": 10.5}})
+    assert str(info.value) == (
+        "the stored config's train.steps=10.5 has type float, but config.py now declares int: "
+        "undo that edit of config.py to read checkpoints written before it"
+    )
