@@ -15,6 +15,7 @@ Builds the parts (dataset, network, process, time sampler) from the config, chec
 before any work starts, and dispatches the mode.
 """
 
+import errno
 import importlib.util
 import os
 import sys
@@ -1053,12 +1054,16 @@ def check_mode_flags(overrides):
 
 
 def os_error_line(e):
-    """One line for a failed file operation (disk full, read-only, permissions)."""
+    """One line for a failed file operation: the file named (an atomic write's target rather
+    than its temporary file, whose name is the second one where the rename failed), and a hint
+    for the errors a disk or its permissions cause (full, read-only, denied)."""
     if not e.filename:  # a message of this codebase's (missing data files, say): complete
         return str(e)
-    return (
-        f"{e.filename}: {e.strerror or e} (check free space and permissions there; rerun resumes)"
-    )
+    name = e.filename2 if e.filename2 and checkpoints.TMP_PREFIX in str(e.filename) else e.filename
+    line = f"{name}: {e.strerror or e}"
+    if e.errno in (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM):
+        line += " (check free space and permissions there; rerun resumes)"
+    return line
 
 
 # How torch's allocators word a failed allocation (CPU, std::bad_alloc, CUDA, cuBLAS).

@@ -918,6 +918,18 @@ def test_os_error_is_one_line():
     assert "\n" not in line
     message = "mnist: missing data/mnist/train-images-idx3-ubyte(.gz); download them from ..."
     assert main.os_error_line(FileNotFoundError(message)) == message  # no file: its own words
+    # a rename onto a directory names the target, not the temporary file, and no disk hint
+    renamed = IsADirectoryError(
+        21, "Is a directory", "runs/x/.tmp-ab12config.json", None, "runs/x/config.json"
+    )
+    assert main.os_error_line(renamed) == "runs/x/config.json: Is a directory"
+
+
+def test_an_atomic_write_onto_a_directory_names_the_file(tmp_path):
+    (tmp_path / "config.json").mkdir()
+    with pytest.raises(OSError) as info:
+        utils.atomic_write_json({"a": 1}, str(tmp_path / "config.json"))
+    assert main.os_error_line(info.value) == f"{tmp_path / 'config.json'}: Is a directory"
 
 
 def test_checkpoint_loads_with_weights_only_and_restores_every_rng(tmp_path):
