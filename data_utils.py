@@ -286,7 +286,10 @@ def _load_cifar_batch(path: Path) -> tuple[np.ndarray, np.ndarray]:
             found = f"{data.dtype} {data.shape}" if isinstance(data, np.ndarray) else type(data)
             raise ValueError(f"data is {found}, expected a uint8 (N, 3072) array")
         x = data.reshape(-1, 3, 32, 32)
-        y = np.asarray(labels, dtype=np.int64).reshape(-1)
+        raw = np.asarray(labels).reshape(-1)
+        if raw.size and raw.dtype.kind not in "iu":  # a cast would truncate 1.7 to 1
+            raise ValueError(f"labels are {raw.dtype}, not integers")
+        y = raw.astype(np.int64)
     except Exception as err:  # a bad pickle fails in many ways (EOF, key, type, value, ...)
         raise ValueError(
             f"cifar10: {path} is not a CIFAR-10 python batch ({_one_line(err)}); "
@@ -389,6 +392,8 @@ def build_mnist(root: str, train: bool, *, image_size: int | None = None, **_) -
         raise FileNotFoundError(_mnist_message(missing))
     image_path, label_path = (_find_file(p) for p in _mnist_paths(root, train))
     x = read_idx(image_path, 2051)
+    if x.shape[1:] != (28, 28):  # another IDX set would be silently resized
+        raise ValueError(f"{image_path} holds {x.shape[1]}x{x.shape[2]} images, not MNIST's 28x28")
     y = _check_labels(read_idx(label_path, 2049), 10, label_path)
     if len(x) != len(y):
         raise ValueError(f"{image_path} has {len(x)} images but {label_path} {len(y)} labels")

@@ -632,3 +632,21 @@ def test_loader_points_ignore_flip_and_workers_match(digits):
 def test_loader_batch_too_large(digits):
     with pytest.raises(ValueError, match="batch_size"):
         InfiniteLoader(small_digits(digits, n=10), batch_size=6, world_size=2)
+
+
+def test_mnist_of_another_size_and_cifar_with_fractional_labels_are_refused(tmp_path):
+    """Files in the right format with the wrong contents: 16x16 IDX images were resized to
+    28x28 without a word, float CIFAR-10 labels truncated (1.7 -> 1)."""
+    write_mnist(tmp_path)
+    images = tmp_path / "mnist" / "train-images-idx3-ubyte"
+    write_idx(images, np.zeros((5, 16, 16), np.uint8), 2051, False)
+    with pytest.raises(ValueError) as info:
+        build_dataset("mnist", str(tmp_path), train=True)
+    assert str(info.value) == f"{images} holds 16x16 images, not MNIST's 28x28"
+    write_cifar(tmp_path)
+    batch = tmp_path / "cifar-10-batches-py" / "data_batch_1"
+    rows = cifar_rows(2, first_label=0)
+    rows[b"labels"] = [0.5, 1.7]
+    batch.write_bytes(pickle.dumps(rows))
+    with pytest.raises(ValueError, match=r"batch \(ValueError: labels are float64, not integers\)"):
+        build_dataset("cifar10", str(tmp_path), train=True)
