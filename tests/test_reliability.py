@@ -942,16 +942,18 @@ def test_checkpoint_loads_with_weights_only_and_restores_every_rng(tmp_path):
     assert json.loads(state["config"])["train"]["steps"] == 1
 
 
-@pytest.mark.parametrize("signame", ["SIGTERM", "SIGINT"])
-def test_a_stop_signal_during_sampling_through_run_sh_fails_with_one_line(tmp_path, signame):
-    """A stop signal to run.sh's process group while the workers sample: they say so in one
-    line and the launch exits 128 + the signal, not 0 (a script must not take the missing
-    samples for success); nothing is written. Before, SIGTERM exited 0 silently and SIGINT
-    printed a KeyboardInterrupt traceback."""
+@pytest.mark.parametrize("signame,launch", [("SIGTERM", "run.sh"), ("SIGINT", "python")])
+def test_a_stop_signal_during_sampling_fails_with_one_line(tmp_path, signame, launch):
+    """A stop signal to the process group (run.sh's or python main.py's) while the workers
+    sample: they say so in one line and the command exits 128 + the signal, not 0 (a script
+    must not take the missing samples for success); nothing is written. Before, SIGTERM
+    through run.sh exited 0 silently and SIGINT printed a KeyboardInterrupt traceback."""
     trainer = main.train(tiny_config("moons", tmp_path, train__steps=1), {}, SINGLE)
     out = tmp_path / "samples"
+    command = ["sh", "run.sh"] if launch == "run.sh" else [sys.executable, "main.py"]
     proc = subprocess.Popen(
-        ["sh", "run.sh", "--mode=sample", f"--ckpt={trainer.run_dir}", f"--out={out}"]
+        command
+        + ["--mode=sample", f"--ckpt={trainer.run_dir}", f"--out={out}"]
         + ["--config.sample.num=200000", "--config.sample.steps=500"],
         cwd=ROOT,
         stdout=subprocess.PIPE,
