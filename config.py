@@ -399,9 +399,10 @@ def with_defaults(saved):
                 if isinstance(now, int) and isinstance(value, float) and value.is_integer():
                     node[key] = int(value)
                     continue
+                declared = node.get_ref(key).get_type()  # a placeholder's too (now None)
                 raise ValueError(
                     f"the stored config's {prefix}{key}={value!r} has type "
-                    f"{type(value).__name__}, but config.py now declares {type(now).__name__}: "
+                    f"{type(value).__name__}, but config.py now declares {declared.__name__}: "
                     f"undo that edit of config.py to read checkpoints written before it"
                 ) from None
 

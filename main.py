@@ -535,14 +535,20 @@ def resumable_check(config, net):
     return check
 
 
+class RankError(ValueError):
+    """A failure of this rank's own, which other ranks may not share: every rank prints it."""
+
+
 def restore(trainer, state, path):
     """trainer.load(state, path); a checkpoint that passed resumable_check and still fails to
     restore gives one line naming it (never a traceback) instead of a half-restored run."""
     try:
         trainer.load(state, path)
     except (KeyError, IndexError, TypeError, ValueError, RuntimeError) as e:
+        if is_out_of_memory(e):  # not the file's fault: main says what to lower
+            raise
         why = str(e).split("\n")[0][:200] or type(e).__name__
-        raise ValueError(
+        raise RankError(
             f"{path} could not be restored ({why}): move it out of the run directory to resume "
             f"from an older checkpoint"
         ) from None
@@ -582,7 +588,7 @@ def resume_line(config, saved, path, step):
             f"weights)"
         )
     line = f"resuming from {path} at step {step}"
-    ignored = [c for c in mutable if c[0] == "train.init_from"]
+    ignored = [c for c in mutable if c[0] == "train.init_from" and c[2]]
     mutable = [c for c in mutable if c[0] != "train.init_from"]
     if ignored:
         line += (
@@ -1102,21 +1108,25 @@ def main(argv):
         utils.die_with_parent()
     if FLAGS.mode != "train":  # training checkpoints on a stop signal (utils.StopRequest)
         utils.raise_on_stop_signals()
-    dist_info = utils.setup_distributed()
     torch.backends.cuda.matmul.allow_tf32 = True
     torch.backends.cudnn.allow_tf32 = True
+    dist_info = None
     try:
+        dist_info = utils.setup_distributed()  # inside: a stop during a rendezvous is one line
         check_mode_flags(overrides)
         MODE_FNS[FLAGS.mode](FLAGS.config, overrides, dist_info)
         utils.barrier()  # leave together: none tears the group down while rank 0 still writes
         utils.mark_worker("done")
-    except utils.Stopped as e:
+    except utils.Stopped as e:  # each node's first worker says it, so that its launcher need not
         utils.mark_worker("stopped")
         name, number = e.args
         fail(
-            f"stopped by {name} during --mode={FLAGS.mode}; its output was not written",
+            f"stopped by {name} during --mode={FLAGS.mode} before it finished: rerun it",
+            every_rank=os.environ.get("LOCAL_RANK", "0") == "0",
             code=128 + number,
         )
+    except RankError as e:  # this rank's own failure: the others may not share it
+        fail(e, every_rank=True)
     except (ValueError, TrainingDiverged) as e:
         fail(e)
     except OSError as e:  # includes FileNotFoundError and PermissionError
@@ -1124,7 +1134,7 @@ def main(argv):
     except (MemoryError, RuntimeError) as e:  # torch.OutOfMemoryError is a RuntimeError
         if not is_out_of_memory(e):
             raise
-        where = f"rank {dist_info.rank}: " if dist_info.world_size > 1 else ""
+        where = f"rank {dist_info.rank}: " if dist_info and dist_info.world_size > 1 else ""
         fail(where + out_of_memory_line(e, FLAGS.mode), every_rank=True)  # may be one rank's
     finally:
         utils.cleanup_distributed()

@@ -7,7 +7,8 @@
 #   SHUTDOWN_TIMEOUT: seconds the workers get to checkpoint after a stop signal (default 120).
 #   Each must be a whole number in its range, else one `error:` line before anything runs.
 # SIGTERM, SIGINT, SIGUSR1 or SIGUSR2 to this script (or its process group) is forwarded to the
-# workers: they finish the current step, save a checkpoint and exit 0; rerun to resume. Workers
+# workers: in training they finish the current step, save a checkpoint and exit 0 (rerun to
+# resume); in sample / eval / info they stop with one line and 128 + the signal. Workers
 # stop the same way when the launcher dies (even by SIGKILL). torchrun runs through utils.py,
 # which keeps torchrun's own tracebacks out of the way: a mistake prints one `error:` line.
 set -e

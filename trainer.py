@@ -752,7 +752,8 @@ def degenerate_samples_message(x, model_output, process_name):
     if bad.any():
         return (
             f"warning: {int(bad.sum())} of {len(x)} samples hold NaN or inf (images: written "
-            f"as 0; points: left out of the plot, kept in samples.npz as they are): the "
+            f"as 0; points: left out of plots, kept as they are in --mode=sample's samples.npz): "
+            f"the "
             f"sampler diverged; likely causes: a prediction conversion that divides by a tiny "
             f"alpha or sigma at the ends of the time range ({model_output} outputs of process "
             f"{process_name!r}: try sample.t_max < 1, another sample.grid, more sample.steps, or "

@@ -388,16 +388,21 @@ def mark_worker(outcome):
         open(os.path.join(folder, f"{os.environ.get('LOCAL_RANK', '0')}.{outcome}"), "w").close()
 
 
-class Stopped(Exception):
-    """A stop signal outside training (raise_on_stop_signals): args = (name, number)."""
+class Stopped(BaseException):
+    """A stop signal outside training (raise_on_stop_signals): args = (name, number). A
+    BaseException, like KeyboardInterrupt: no `except Exception` on the way may swallow it (a
+    checkpoint being read would be taken for a corrupt one)."""
 
 
 def raise_on_stop_signals():
-    """Make each of STOP_SIGNALS raise Stopped(name, number) in the main thread: sample, eval
-    and info end with one line instead of dying silently (SIGTERM) or with a traceback
-    (SIGINT)."""
+    """Make the first of STOP_SIGNALS raise Stopped(name, number) in the main thread and the
+    later ones be ignored (Ctrl-C reaches a worker twice: directly and forwarded by torchrun):
+    sample, eval and info end with one line instead of dying silently (SIGTERM) or with a
+    traceback (SIGINT)."""
 
     def handle(signum, frame):
+        for name in STOP_SIGNALS:
+            signal.signal(getattr(signal, name), signal.SIG_IGN)
         raise Stopped(signal.Signals(signum).name, signum)
 
     for name in STOP_SIGNALS:

@@ -90,7 +90,8 @@ def compare(a, b):
             diff = (tensor.double() - other.double()).abs().max().item()
             if diff >= worst:
                 worst, name = diff, key
-    unequal = [k for k in values if la[k] != lb[k]]
+    both_nan = lambda k: la[k] != la[k] and lb[k] != lb[k]  # NaN != NaN: equal runs here
+    unequal = [k for k in values if la[k] != lb[k] and not both_nan(k)]
     print(
         f"{len(ta)} tensors and {len(values)} values compared; steps {a.get('step')} / "
         f"{b.get('step')}; largest difference {worst:g}"

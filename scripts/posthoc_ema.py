@@ -7,16 +7,17 @@ from the power-EMA snapshots of a run trained with --config.train.ema=power and
 
 --ckpt is a run directory (its newest good checkpoint is the base) or a checkpoint file. The
 snapshots default to the run's `ema_snapshots` folder (the one beside a checkpoint file); name
-other folders or snapshot files with --snapshots. The EMA is reconstructed at the newest
-snapshot's step, or at --step (from 1 up to that step). The least-squares fit of the power
-profiles is `ema.posthoc_state_dict`; a fit whose relative profile error exceeds
-MAX_PROFILE_ERROR (0.5) is refused: it would not be the EMA asked for (snapshot more often, track
-relative stds closer to --sigma_rel with --config.train.ema_stds, or choose a --step the
-snapshots cover). The output is the base checkpoint with its EMA weights replaced (for
---mode=sample / eval / info) plus a `posthoc_ema` record (sigma_rel, step, coefficients,
-relative profile error), written atomically. --out must be a new file (--force replaces one),
-not named like a checkpoint (ckpt_<step>.pt) or a snapshot (ema_<step>.pt) and not in an
-ema_snapshots folder: a run would take it for its newest checkpoint or for a snapshot.
+other folders or snapshot files with --snapshots; snapshots after the base checkpoint's step
+are left out (written after it, by a run stopped before its next checkpoint). The EMA is
+reconstructed at the newest remaining snapshot's step, or at --step (from 1 up to that step).
+The least-squares fit of the power profiles is `ema.posthoc_state_dict`; a fit whose relative
+profile error exceeds MAX_PROFILE_ERROR (0.5) is refused: it would not be the EMA asked for
+(snapshot more often, track relative stds closer to --sigma_rel with --config.train.ema_stds, or
+choose a --step the snapshots cover). The output is the base checkpoint with its EMA weights
+replaced (for --mode=sample / eval / info) plus a `posthoc_ema` record (sigma_rel, step,
+coefficients, relative profile error), written atomically. --out must be a new file (--force
+replaces one), not named like a checkpoint (ckpt_<step>.pt) or a snapshot (ema_<step>.pt) and
+not in an ema_snapshots folder: a run would take it for its newest checkpoint or a snapshot.
 """
 
 import argparse

@@ -543,3 +543,7 @@ def test_a_stored_config_value_of_a_type_config_py_no_longer_has_is_one_line():
         "the stored config's train.steps=10.5 has type float, but config.py now declares int: "
         "undo that edit of config.py to read checkpoints written before it"
     )
+    with pytest.raises(ValueError, match="t_min='abc' has type str, but config.py now declares"):
+        config_lib.with_defaults({"sample": {"t_min": "abc"}})  # a placeholder: float, not None
+    with pytest.raises(ValueError, match=" now declares float: "):
+        config_lib.with_defaults({"sample": {"t_min": "abc"}})

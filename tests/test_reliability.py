@@ -651,13 +651,21 @@ def test_a_checkpoint_that_fails_to_restore_is_one_line(tmp_path, four_steps, mo
         raise KeyError("epoch")
 
     monkeypatch.setattr(DiffusionTrainer, "load", broken_load)
-    with pytest.raises(ValueError) as info:
+    with pytest.raises(main.RankError) as info:  # printed by every rank: it may be this one's
         main.build_trainer(tiny_config("digits", tmp_path / "runs", train__steps=4), SINGLE)
     assert str(info.value) == (
         f"{run_dir / 'ckpt_0000004.pt'} could not be restored ('epoch'): move it out of the run "
         f"directory to resume from an older checkpoint"
     )
     checkpoints.RunLock(str(run_dir)).acquire().release()  # no lock left behind
+
+    def out_of_memory(self, state, path=None):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    monkeypatch.setattr(DiffusionTrainer, "load", out_of_memory)
+    with pytest.raises(torch.OutOfMemoryError):  # main's memory line, not 'move it out'
+        main.build_trainer(tiny_config("digits", tmp_path / "runs", train__steps=4), SINGLE)
+    checkpoints.RunLock(str(run_dir)).acquire().release()
 
 
 def test_no_loadable_checkpoint_stops_instead_of_restarting(tmp_path):
@@ -880,6 +888,13 @@ def test_a_changed_init_from_on_resume_says_it_is_ignored(tmp_path, capsys):
         f"run with --config.name=NEW to initialise from it)"
     )
     assert all(torch.equal(resumed.net.state_dict()[k], v) for k, v in weights.items())
+    started = tiny_config("checkerboard", tmp_path / "c", train__steps=1)
+    started.train.init_from = source.run_dir
+    main.train(started, {}, SINGLE)
+    capsys.readouterr()
+    unset = tiny_config("checkerboard", tmp_path / "c", train__steps=2)  # the flag dropped
+    main.build_trainer(unset, SINGLE).run_lock.release()
+    assert "train.init_from" not in capsys.readouterr().out  # nothing ignored or applied
 
 
 def test_a_full_disk_while_saving_a_checkpoint_is_an_os_error_naming_the_file(tmp_path):
@@ -972,6 +987,32 @@ def test_a_stop_signal_during_sampling_fails_with_one_line(tmp_path, signame, la
     errors = [line for line in (seen + stderr).splitlines() if "error" in line.lower()]
     assert proc.returncode == 128 + getattr(signal, signame), stderr[-2000:]
     assert errors == [
-        f"error: stopped by {signame} during --mode=sample; its output was not written"
+        f"error: stopped by {signame} during --mode=sample before it finished: rerun it"
     ], errors
     assert "Traceback" not in stderr and not out.exists()
+
+
+def test_a_stop_signal_outside_training_escapes_broad_handlers_and_fires_once(tmp_path):
+    """utils.Stopped is a BaseException: a SIGTERM while a checkpoint is read is not taken for
+    a corrupt file (an `except Exception` would fall back to an older checkpoint and go on);
+    a second stop signal (Ctrl-C reaches a torchrun worker twice) is ignored, not a traceback
+    in the middle of the first one's handling."""
+    trainer = main.train(tiny_config("checkerboard", tmp_path, train__steps=2), {}, SINGLE)
+    previous = {name: signal.getsignal(getattr(signal, name)) for name in utils.STOP_SIGNALS}
+    try:
+        utils.raise_on_stop_signals()
+
+        def load_interrupted(*args, **kwargs):
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(1)  # the handler raises here
+
+        with mock.patch.object(torch, "load", load_interrupted):
+            with pytest.raises(utils.Stopped) as info:
+                checkpoints.resolve(trainer.run_dir)
+        assert info.value.args == ("SIGTERM", signal.SIGTERM)
+        assert sorted(os.listdir(trainer.run_dir)).count("ckpt_0000002.pt") == 1  # not set aside
+        os.kill(os.getpid(), signal.SIGINT)  # the second: ignored
+        time.sleep(0.1)
+    finally:
+        for name, handler in previous.items():
+            signal.signal(getattr(signal, name), handler)
