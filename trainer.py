@@ -463,12 +463,12 @@ class DiffusionTrainer:
         own = (utils.get_rng_state(), [float(v) for v in self.window_sums])
         rng_states, window_sums = zip(*utils.all_gather_objects(own), strict=True)
         path = checkpoints.checkpoint_path(self.run_dir, self.step)
+        for module in (self.net, *self.ema.averages()):  # equal on every rank: all raise
+            if not all(torch.isfinite(p).all() for p in module.parameters()):
+                raise TrainingDiverged(f"non-finite weights at step {self.step}: not saving")
         if not self.dist.is_main:
             utils.barrier()
             return path
-        for module in (self.net, *self.ema.averages()):
-            if not all(torch.isfinite(p).all() for p in module.parameters()):
-                raise TrainingDiverged(f"non-finite weights at step {self.step}: not saving")
         healthy = not self.diverged and self.bad_run.item() == 0
         checkpoints.save(self.state_dict(rng_states, healthy, window_sums), path)
         if healthy:
