@@ -245,6 +245,22 @@ def unused_name(path):
     return candidate
 
 
+def set_aside_snapshots_after(run_dir, step):
+    """Rename the EMA snapshots of run_dir written after `step` to `<name>.abandoned` (never
+    deleted): when a run resumes from its checkpoint at `step` (or starts at 0), they belong to
+    a trajectory it abandons (written before a crash or stop that came ahead of the next
+    checkpoint), and post-hoc reconstruction must not mix them with the new ones. Returns the
+    new paths."""
+    moved = []
+    for path in ema.list_snapshots(os.path.join(run_dir, ema.SNAPSHOT_DIR)):
+        found = re.search(r"ema_(\d+)\.pt$", path)
+        if found and int(found[1]) > step:
+            aside = unused_name(path + ".abandoned")
+            os.replace(path, aside)
+            moved.append(aside)
+    return moved
+
+
 def resolve(path, warn=print, flag="--ckpt"):
     """(state, path) of a --ckpt argument (or of the setting `flag`): a checkpoint file, or the
     newest good checkpoint of a run directory (bad ones reported, not moved: the run may be

@@ -34,7 +34,6 @@ import copy
 import glob
 import math
 import os
-import re
 
 import torch
 
@@ -264,26 +263,6 @@ def snapshot_path(run_dir, step):
 
 def list_snapshots(snapshot_dir):
     return sorted(glob.glob(os.path.join(glob.escape(snapshot_dir), "ema_*.pt")))
-
-
-def set_aside_snapshots_after(run_dir, step):
-    """Rename the snapshots of run_dir written after `step` to `<name>.abandoned` (never
-    deleted): when a run resumes from its checkpoint at `step` (or starts at 0), those belong to
-    a trajectory it abandons (written before a crash or stop that came ahead of the next
-    checkpoint), and post-hoc reconstruction must not mix them with the new ones. Returns the
-    new paths."""
-    moved = []
-    for path in list_snapshots(os.path.join(run_dir, SNAPSHOT_DIR)):
-        found = re.search(r"ema_(\d+)\.pt$", path)
-        if found and int(found[1]) > step:
-            aside = path + ".abandoned"
-            n = 0
-            while os.path.exists(aside):
-                n += 1
-                aside = f"{path}.abandoned.{n}"
-            os.replace(path, aside)
-            moved.append(aside)
-    return moved
 
 
 def save_snapshot_if_due(ema, run_dir, every, write):

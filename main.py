@@ -329,21 +329,16 @@ def resolve_time_ranges(config, process):
         resolve_likelihood_range(config.eval, s, process, sampler)
 
 
-def likelihood_grid(e, s):
-    """The likelihood ODE's time grid: eval.nll_grid, or sample.grid for `sample`."""
-    return s.grid if e.nll_grid == "sample" else e.nll_grid
-
-
 def resolve_likelihood_range(e, s, process, sampler):
     """Fill unset eval.nll_t_min / nll_t_max with the sampler's range, moved to the process's
     default_t_min / default_t_max at an end where the likelihood's ODE (its velocity, on its
     grid of eval.nll_steps) is singular: EDM samples down to sigma = 0, where the velocity of an
     x0 output is 0 / 0. Then check its whole grid."""
-    grid = likelihood_grid(e, s)
+    grid = trainer_lib.likelihood_grid(e, s)
     field = {**sampler, "solver": e.nll_solver, "grid": grid, "need_x0": False}
 
     def singular(times):
-        return sampling.singular_sampling_times(times=list(times), **field)
+        return sampling.singular_sampling_times(times=times, **field)
 
     with e.unlocked():
         if e.nll_t_min is None:
@@ -477,7 +472,7 @@ def build_trainer(config, dist_info):
         os.makedirs(run_dir, exist_ok=True)
         utils.atomic_write_json(config.to_dict(), os.path.join(run_dir, "config.json"))
         truncate_metrics(run_dir, trainer.step)
-        abandoned = ema.set_aside_snapshots_after(run_dir, trainer.step)
+        abandoned = checkpoints.set_aside_snapshots_after(run_dir, trainer.step)
         if abandoned:
             say(
                 f"set aside {len(abandoned)} EMA snapshot(s) written after step {trainer.step} "
@@ -703,12 +698,10 @@ def checkpoint_config(state, overrides):
                 f"{', '.join(DATA_LOCATION_KEYS)} overrides apply to a checkpoint"
             )
     config_lib.set_values(config, overrides)
-    for section, key in (("sample", "t_min"), ("sample", "t_max")) + (
-        ("eval", "nll_t_min"),
-        ("eval", "nll_t_max"),
-    ):
-        if f"{section}.{key}" not in overrides:
-            config[section][key] = None
+    for key in ("sample.t_min", "sample.t_max", "eval.nll_t_min", "eval.nll_t_max"):
+        if key not in overrides:  # re-resolved for the sampler and likelihood asked for now
+            section, name = key.split(".")
+            config[section][name] = None
     return config
 
 

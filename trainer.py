@@ -654,6 +654,12 @@ def evaluate_model(net, process, config, data_info, nll_data, dist_info, num_cla
     return utils.all_gather_objects(metrics)[0]
 
 
+def likelihood_grid(e, s):
+    """The likelihood ODE's time grid for the config sections eval `e` and sample `s`:
+    eval.nll_grid, or sample.grid for `sample`."""
+    return s.grid if e.nll_grid == "sample" else e.nll_grid
+
+
 def nll_metrics(net, process, config, nll_data, dist_info, num_classes, kind):
     """Negative log-likelihood (nats per dimension, its standard error, bits per dimension for
     images) of nll_data = (x, y), the points split over ranks and gathered: the probability-flow
@@ -679,7 +685,7 @@ def nll_metrics(net, process, config, nll_data, dist_info, num_classes, kind):
             steps=e.nll_steps,
             t_min=e.nll_t_min,
             t_max=e.nll_t_max,
-            grid=s.grid if e.nll_grid == "sample" else e.nll_grid,
+            grid=likelihood_grid(e, s),
             divergence=divergence,
             num_probes=e.num_probes,
             seed=e.seed + dist_info.rank,

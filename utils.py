@@ -416,9 +416,9 @@ def launch(torchrun_args):
     every worker finished (mark_worker), else with 128 + the signal and one `error:` line
     unless every unfinished worker said why itself (a worker stopped before its work was done:
     sampling or eval wrote nothing, a run that had not started training has nothing to save),
-    or 137 if torchrun had to kill workers still
-    running after its shutdown timeout. Several workers on a node share its cores
-    (OMP_NUM_THREADS, unless set) instead of torchrun's default of one thread each."""
+    or 137 if torchrun had to kill workers still running after its shutdown timeout. Several
+    workers on a node share its cores (OMP_NUM_THREADS, unless set) instead of torchrun's
+    default of one thread each."""
     from torch.distributed import run as torchrun
     from torch.distributed.elastic.multiprocessing.api import SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
@@ -435,27 +435,26 @@ def launch(torchrun_args):
         torchrun.run(args)
     except SignalException as e:  # forwarded to the workers, which checkpoint and say so
         name = signal.Signals(e.sigval).name
+        if killed.pids:
+            print(
+                f"error: {len(killed.pids)} worker(s) still running {args.shutdown_timeout} s "
+                f"after {name} were killed (SHUTDOWN_TIMEOUT); rerun the same command to resume "
+                "from the newest checkpoint",
+                file=sys.stderr,
+            )
+            return 128 + signal.SIGKILL
         outcomes = [f.rpartition(".")[2] for f in os.listdir(status_dir)]
         finished, explained = outcomes.count("done"), outcomes.count("stopped")
-        if not killed.pids and finished >= workers:
+        if finished >= workers:
             return 0
-        if not killed.pids and finished + explained >= workers:
-            return 128 + e.sigval
-        if not killed.pids:
+        if finished + explained < workers:  # some worker ended without a word
             print(
                 f"error: {name} stopped {workers - finished} of {workers} worker(s) before their "
                 f"work was done (sample / eval: nothing written; training: nothing lost, it "
                 f"resumes from its newest checkpoint): rerun the same command",
                 file=sys.stderr,
             )
-            return 128 + e.sigval
-        print(
-            f"error: {len(killed.pids)} worker(s) still running {args.shutdown_timeout} s after "
-            f"{signal.Signals(e.sigval).name} were killed (SHUTDOWN_TIMEOUT); rerun the same "
-            "command to resume from the newest checkpoint",
-            file=sys.stderr,
-        )
-        return 128 + signal.SIGKILL
+        return 128 + e.sigval
     except ChildFailedError as e:
         rank, failure = e.get_first_failure()
         if failure.exitcode < 0:  # killed by a signal: the worker could not say anything itself

@@ -60,6 +60,13 @@ def cifar_rows(n: int, first_label: int) -> dict:
     return {b"data": data, b"labels": [(first_label + i) % 10 for i in range(n)]}
 
 
+def write_cifar_labels(path, labels) -> None:
+    """Overwrite the CIFAR-10 batch `path` with two zero-image rows carrying `labels`."""
+    rows = cifar_rows(2, first_label=0)
+    rows[b"labels"] = labels
+    path.write_bytes(pickle.dumps(rows))
+
+
 def write_cifar(root, n: int = 2) -> None:
     folder = root / "cifar-10-batches-py"
     folder.mkdir(parents=True, exist_ok=True)
@@ -380,10 +387,7 @@ def test_cifar10_corrupt_batch_is_one_line_naming_it(tmp_path, payload, expected
 
 def test_cifar10_labels_out_of_range(tmp_path):
     write_cifar(tmp_path, n=2)
-    path = tmp_path / "cifar-10-batches-py" / "test_batch"
-    rows = cifar_rows(2, first_label=0)
-    rows[b"labels"] = [3, 10]
-    path.write_bytes(pickle.dumps(rows))
+    write_cifar_labels(tmp_path / "cifar-10-batches-py" / "test_batch", [3, 10])
     with pytest.raises(ValueError, match=r"labels must be in \[0, 10\), found 3..10"):
         build_dataset("cifar10", str(tmp_path), train=False)
 
@@ -644,9 +648,6 @@ def test_mnist_of_another_size_and_cifar_with_fractional_labels_are_refused(tmp_
         build_dataset("mnist", str(tmp_path), train=True)
     assert str(info.value) == f"{images} holds 16x16 images, not MNIST's 28x28"
     write_cifar(tmp_path)
-    batch = tmp_path / "cifar-10-batches-py" / "data_batch_1"
-    rows = cifar_rows(2, first_label=0)
-    rows[b"labels"] = [0.5, 1.7]
-    batch.write_bytes(pickle.dumps(rows))
+    write_cifar_labels(tmp_path / "cifar-10-batches-py" / "data_batch_1", [0.5, 1.7])
     with pytest.raises(ValueError, match=r"batch \(ValueError: labels are float64, not integers\)"):
         build_dataset("cifar10", str(tmp_path), train=True)
