@@ -623,8 +623,8 @@ def evaluate_model(net, process, config, data_info, nll_data, dist_info, num_cla
     x, _, nfe = generate_distributed(
         net, process, model_output, shape, config.sample.num, num_classes, dist_info, kwargs
     )
-    message = degenerate_samples_message(x, model_output, process.name)
-    if message and dist_info.is_main:
+    message = dist_info.is_main and degenerate_samples_message(x, model_output, process.name)
+    if message:  # rank 0 alone: every rank holds the gathered samples
         print(message, file=sys.stderr)
     metrics = {"sample_nfe": nfe, "num_samples": config.sample.num}
     if kind == "image":
